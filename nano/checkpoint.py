@@ -54,8 +54,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated or foreign file
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not a nano checkpoint (expected keys 'model' and 'model_config')")
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path} is not a nano checkpoint (expected a dict with the key 'model')")
     return ckpt
 
 
@@ -68,6 +68,8 @@ def load_model(path: str | Path, device: str = "cpu", **config_overrides: Any):
     from nano.model import GemmaNano, ModelConfig
 
     ckpt = load_checkpoint(path)
+    if "model_config" not in ckpt:
+        raise ValueError(f"{path} has no 'model_config': it cannot rebuild its model")
     cfg = ModelConfig(**{**ckpt["model_config"], **config_overrides})
     model = GemmaNano(cfg)
     load_state_checked(model, ckpt["model"], source=str(path))
