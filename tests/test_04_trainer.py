@@ -39,7 +39,8 @@ def toy_task():
 
     def evaluate(model):
         x, y = toy_batch(10_000, list(range(32)), "cpu")
-        return {"val_loss": float(((model(x) - y) ** 2).mean())}
+        with torch.no_grad():
+            return {"val_loss": float(((model(x) - y) ** 2).mean())}
 
     return trainer.Task(make_batch=toy_batch, loss=loss, evaluate=evaluate)
 
