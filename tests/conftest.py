@@ -4,6 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# The tests use small tensors, where a second thread costs more in hand-over than it saves (and
+# oversubscribes a busy machine badly). One thread keeps the suite fast and its timings steady.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
