@@ -72,9 +72,25 @@ def math_accuracy(model, tokenizer, limit: int, out_jsonl: Path | None = None) -
                           out_jsonl=out_jsonl)
 
 
+@dataclass
+class SFTRun:
+    model: torch.nn.Module  # the fine-tuned model (with its adapters, if any)
+    result: TrainResult
+    report: dict  # also written to run_dir/report.json
+    run_dir: Path
+    base_checkpoint: dict  # the checkpoint it started from (its identity goes into adapter files)
+
+
+def base_identity(base_ckpt: dict) -> dict:
+    """What an adapter records about its base: the shapes and a fingerprint of the exact weights."""
+    from nano.lora import state_fingerprint
+
+    return {"model_config": base_ckpt["model_config"], "checkpoint": state_fingerprint(base_ckpt["model"])}
+
+
 def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], torch.nn.Module],
-            describe: str) -> tuple[torch.nn.Module, TrainResult, dict]:
-    """Fine-tune the base checkpoint on the SFT bins; returns (model, train result, report).
+            describe: str) -> SFTRun:
+    """Fine-tune the base checkpoint on the SFT bins.
 
     stage: folder under runs/ ("sft/full", "sft/peft/lora", ...). prepare: turns the loaded base
     model into the model to train (freezing, adapters, quantization) and returns it.
@@ -150,4 +166,4 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
         sample = json.loads((run_dir / "tinymath_samples.jsonl").read_text().splitlines()[0])
         print(f"\nexample — {sample['prompt'].strip()[-200:]}\n{sample['output']}\n(graded {sample['correct']})")
     print(f"took {report['seconds']:.0f} s; report in {run_dir / 'report.json'}")
-    return model, result, report
+    return SFTRun(model, result, report, run_dir, base_ckpt)

@@ -1,0 +1,323 @@
+"""
+Exercise (lesson 12): write `nano/evaluate.py`, the grader of math word problems.
+
+Implement
+  - `extract_answer(text)`: the number after "####", else the last final-answer phrase ("The answer
+    is 18", "A: 18", "answer: $1,234.50", "**18**"), else the last number; None when there is none.
+    Normalize it: no commas, currency or percent signs, no trailing ".0"; keep a minus sign
+    (but not the one in "5-3"),
+  - `is_correct(completion, reference)`: compare numerically against a GSM8K answer field or a number,
+  - `build_fewshot_prompt(question, examples, k)`: "Question: ...\\nAnswer: ...\\n\\n" k times, then
+    the question and an open "Answer:",
+  - `accuracy_with_stderr(correct)`: p and sqrt(p(1-p)/n),
+  - `load_task(name, ...)`: gsm8k / tinymath jsonl, with errors that say what to run,
+  - `validation_loss(...)`: mean loss and bits per byte = loss * tokens / (bytes * ln 2),
+  - `evaluate_model(...)`: prompts -> batched greedy generation -> graded jsonl and accuracy.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from adapters import impl
+
+evaluate = impl("evaluate")
+
+
+# ---- extraction ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # the GSM8K mark
+        ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
+        ("Total: 80,000 + 50,000 = 130,000\n#### 70,000", "70000"),
+        ("#### -5", "-5"),
+        ("#### $1,234.50", "1234.5"),
+        ("#### 18.00", "18"),
+        ("#### 18\n#### 19 (babble after a finished answer)", "18"),
+        ("The answer is 7.\n#### 5", "5"),  # the mark beats a phrase
+        # final-answer phrases
+        ("3 + 4 = 7 apples. The answer is 7.", "7"),
+        ("The answer is: $1,234.50", "1234.5"),
+        ("Final answer: 42", "42"),
+        ("First 2 + 2 = 4.\nA: 18", "18"),
+        ("so the total is **18** dollars, after 3 days", "18"),
+        ("\\boxed{12}", "12"),
+        ("The answer is 12. Check: 12 + 3 = 15", "12"),  # a phrase beats a later number
+        ("The answer is 10. No wait, the answer is 11.", "11"),  # the last phrase wins
+        ("The answer is -3 degrees", "-3"),
+        # the last number
+        ("She has 3 apples and buys 4 more, so 7 in all.", "7"),
+        ("It went up by 25%.", "25"),
+        ("The temperature fell to -12.5 degrees", "-12.5"),
+        ("It cost $3.50 + $1.50 = $5.00", "5"),
+        ("10-3=7 and 7-9", "9"),  # hyphens between numbers are not minus signs
+        ("pick 3,4 or 5,6", "6"),  # commas without groups of three separate numbers
+        ("The price was 1,250.", "1250"),  # a full stop is not a decimal point
+        ("He walked 0.5 km", "0.5"),
+        ("temperatures: −4 and −7", "-7"),  # the unicode minus sign
+    ],
+)
+def test_extract_answer(text, expected):
+    assert evaluate.extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "I do not know.", "#### ", "The answer is unknown", "****"])
+def test_extract_answer_missing(text):
+    assert evaluate.extract_answer(text) is None
+
+
+@pytest.mark.parametrize(
+    "written, normalized",
+    [("18", "18"), ("18.0", "18"), ("18.00", "18"), ("$1,234.50", "1234.5"), ("-0", "0"), ("1,000,000", "1000000"),
+     ("12%", "12"), ("0.250", "0.25"), ("-$5", "-5"), ("7.", "7"), ("abc", None)],
+)
+def test_normalize_number(written, normalized):
+    assert evaluate.normalize_number(written) == normalized
+
+
+# ---- grading ------------------------------------------------------------------------------------
+
+GSM8K_FIELD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+
+
+@pytest.mark.parametrize(
+    "completion, reference, verdict",
+    [
+        ("48 + 24 = 72 clips.\n#### 72", GSM8K_FIELD, True),
+        ("The answer is 72.", GSM8K_FIELD, True),
+        ("She sold $72.00 worth", GSM8K_FIELD, True),
+        ("#### 72.0", "72", True),
+        ("#### 1,200", 1200, True),
+        ("#### 0.3", 0.1 + 0.2, True),  # numeric comparison with a tolerance, not strings
+        ("#### -4", "-4", True),
+        ("#### 71", GSM8K_FIELD, False),  # wrong
+        ("72 clips... no, 73.\n#### 73", GSM8K_FIELD, False),  # wrong marked answer, right number earlier
+        ("#### 4", "-4", False),  # the sign matters
+        ("I cannot solve this.", GSM8K_FIELD, False),  # missing
+        ("", 72, False),
+    ],
+)
+def test_is_correct(completion, reference, verdict):
+    assert evaluate.is_correct(completion, reference) is verdict
+
+
+def test_reference_answer_and_bad_reference():
+    assert evaluate.reference_answer(GSM8K_FIELD) == "72"
+    assert evaluate.reference_answer("  $1,000 ") == "1000"
+    assert evaluate.reference_answer(18.0) == "18"
+    with pytest.raises(ValueError, match="no number"):
+        evaluate.reference_answer("no number here")
+
+
+# ---- few-shot prompts ----------------------------------------------------------------------------
+
+
+def test_build_fewshot_prompt():
+    examples = [
+        ("What is 1+1?", "1+1 = <<1+1=2>>2\n#### 2"),
+        evaluate.Problem(id="x", question="Tom has 3 cats and gets 2. How many?", answer="3+2=<<3+2=5>>5\n#### 5", reference="5"),
+        ("Unused?", "#### 0"),
+    ]
+    prompt = evaluate.build_fewshot_prompt("What is 2+3?", examples, k=2)
+    assert prompt == (
+        "Question: What is 1+1?\nAnswer: 1+1 = 2\n#### 2\n\n"
+        "Question: Tom has 3 cats and gets 2. How many?\nAnswer: 3+2=5\n#### 5\n\n"
+        "Question: What is 2+3?\nAnswer:"
+    )
+    assert "<<" not in prompt and "Unused" not in prompt  # calculator notes dropped; only k examples
+    assert evaluate.build_fewshot_prompt("What is 2+3?", examples, k=0) == "Question: What is 2+3?\nAnswer:"
+    with pytest.raises(ValueError):
+        evaluate.build_fewshot_prompt("What is 2+3?", examples, k=4)
+
+
+def test_fewshot_continuation_is_cut():
+    assert evaluate.cut_fewshot_continuation(" 2+3 = 5\n#### 5\n\nQuestion: What is 9+9?\nAnswer: #### 18") == " 2+3 = 5\n#### 5\n\n"
+
+
+# ---- accuracy ------------------------------------------------------------------------------------
+
+
+def test_accuracy_with_stderr():
+    acc, err = evaluate.accuracy_with_stderr([True, False, True, True])
+    assert acc == 0.75 and err == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
+    acc, err = evaluate.accuracy_with_stderr([True] * 3 + [False] * 7)
+    assert acc == pytest.approx(0.3) and err == pytest.approx(math.sqrt(0.3 * 0.7 / 10))
+    assert evaluate.accuracy_with_stderr([True] * 5) == (1.0, 0.0)  # no spread when all agree
+    acc, err = evaluate.accuracy_with_stderr([])
+    assert math.isnan(acc) and math.isnan(err)  # nothing graded: undefined, not 0%
+
+
+# ---- tasks ---------------------------------------------------------------------------------------
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_load_tinymath_and_limit(nano_dirs):
+    from nano.paths import raw_dir
+
+    rows = [{"id": f"t{i}", "question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(5)]
+    write_jsonl(raw_dir() / "tinymath_test.jsonl", rows)
+    problems = evaluate.load_task("tinymath", limit=3)
+    assert [p.id for p in problems] == ["t0", "t1", "t2"]
+    assert problems[2].question == "What is 2 + 1?" and problems[2].reference == "3"
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown task 'mmlu'.*gsm8k.*tinymath"):
+        evaluate.load_task("mmlu")
+    with pytest.raises(ValueError, match="unknown task 'gsm9k'"):
+        evaluate.parse_tasks("tinymath,gsm9k")
+    assert evaluate.parse_tasks("gsm8k, tinymath") == ["gsm8k", "tinymath"]
+
+
+def test_missing_data_says_what_to_run(nano_dirs, tmp_path):
+    # GSM8K is not there offline: the error names the download command and the flag for a local copy
+    with pytest.raises(FileNotFoundError) as err:
+        evaluate.load_task("gsm8k")
+    assert "make lesson-0" in str(err.value) and "--gsm8k download" in str(err.value) and "--gsm8k_path" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="make lesson-0"):
+        evaluate.load_task("tinymath")
+    # a --gsm8k_path file is read instead
+    path = tmp_path / "my_gsm8k.jsonl"
+    write_jsonl(path, [{"question": "Natalia sold clips...", "answer": GSM8K_FIELD}])
+    (problem,) = evaluate.load_task("gsm8k", path=path)
+    assert problem.reference == "72"
+
+
+# ---- validation loss and bits per byte -----------------------------------------------------------
+
+
+class UniformModel(torch.nn.Module):
+    """A toy 'model' whose logits are all zero: every next token has probability 1/V, loss = ln V."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # so the device can be read from a parameter
+
+    def forward(self, idx, targets=None, kv_cache=None, key_mask=None):
+        return torch.zeros(*idx.shape, self.vocab_size), None
+
+
+def test_bits_per_byte_arithmetic():
+    # 1 bit per token (ln 2 nats), 10 tokens, 5 bytes -> 2 bits per byte
+    assert evaluate.bits_per_byte(math.log(2), num_tokens=10, num_bytes=5) == pytest.approx(2.0)
+    assert evaluate.bits_per_byte(2.0, num_tokens=3, num_bytes=4) == pytest.approx(2.0 * 3 / (4 * math.log(2)))
+
+
+def test_validation_loss_on_a_uniform_toy():
+    vocab = 8
+    tokens = np.arange(100, dtype=np.uint16) % vocab
+    # token i decodes to byte_lengths[i] bytes; token 0 is a special token (no text)
+    byte_lengths = np.array([0, 2, 3, 4, 1, 2, 3, 4])
+    loss, bpb = evaluate.validation_loss(UniformModel(vocab), tokens, context_len=10, batches=2, batch_size=3, byte_lengths=byte_lengths)
+    assert loss == pytest.approx(math.log(vocab))  # every token costs ln 8 nats = 3 bits
+    # the 6 windows start evenly spaced in [0, 100 - 11]; their targets are tokens[s+1 : s+11]
+    starts = np.linspace(0, 100 - 11, 6).astype(int)
+    targets = np.concatenate([tokens[s + 1 : s + 11] for s in starts])
+    text_targets = targets[byte_lengths[targets] > 0]  # the special token counts neither bits nor bytes
+    assert len(text_targets) < len(targets)
+    assert bpb == pytest.approx(3.0 * len(text_targets) / byte_lengths[text_targets].sum())
+    with pytest.raises(ValueError, match="too few"):
+        evaluate.validation_loss(UniformModel(vocab), tokens[:5], context_len=10, batches=1, batch_size=1)
+
+
+def test_validation_loss_matches_the_models_own_loss():
+    model_mod = impl("model")
+    torch.manual_seed(0)
+    model = model_mod.GemmaNano(model_mod.model_config("tiny", vocab_size=64, context_len=16, d_model=32, n_layers=2,
+                                                      n_heads=2, head_dim=16, d_ff=64, sliding_window=8,
+                                                      query_pre_attn_scalar=16.0, attn_impl="eager"))
+    tokens = torch.randint(0, 64, (17,), generator=torch.Generator().manual_seed(1)).numpy()
+    loss, bpb = evaluate.validation_loss(model, tokens, context_len=16, batches=1, batch_size=1)
+    window = torch.from_numpy(tokens.astype(np.int64))[None]
+    _, reference = model(window[:, :-1], window[:, 1:])
+    assert loss == pytest.approx(reference.item(), rel=1e-5)
+    assert math.isnan(bpb)  # no tokenizer, no byte lengths: bits per byte is unknown
+
+
+# ---- the whole loop on a real (random, toy-sized) model ------------------------------------------
+
+CORPUS = (
+    "Once upon a time there was a little cat. The cat liked to play with a red ball.\n"
+    "Question: Tom has 3 apples and gets 4 more. How many apples?\nAnswer: 3 + 4 = 7\n#### 7\n"
+) * 5
+
+
+@pytest.fixture(scope="module")
+def tok_and_model():
+    tokenizer = impl("tokenizer").Tokenizer.train(CORPUS, vocab_size=300)
+    model_mod = impl("model")
+    torch.manual_seed(0)
+    cfg = model_mod.model_config("tiny", vocab_size=tokenizer.vocab_size, context_len=512, d_model=32, n_layers=2,
+                                 n_heads=2, head_dim=16, d_ff=64, sliding_window=16, query_pre_attn_scalar=16.0,
+                                 attn_impl="eager")
+    return tokenizer, model_mod.GemmaNano(cfg).eval()
+
+
+def math_rows(n):
+    return [{"id": f"m{i}", "question": f"Tom has {i} apples and gets {i + 1} more. How many apples?",
+             "answer": f"{i} + {i + 1} = {2 * i + 1}\n#### {2 * i + 1}"} for i in range(n)]
+
+
+def test_evaluate_model_chat_writes_graded_samples(nano_dirs, tok_and_model):
+    tokenizer, model = tok_and_model
+    generate = impl("generate")
+    chat = impl("chat_format")
+    problems = [evaluate.Problem(r["id"], r["question"], r["answer"], evaluate.reference_answer(r["answer"])) for r in math_rows(5)]
+    out = nano_dirs / "samples.jsonl"
+    result = evaluate.evaluate_model(model, tokenizer, problems, mode="chat", batch_size=2, max_new_tokens=6, out_jsonl=out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [p.id for p in problems]  # batching by length must not reorder
+    assert result["n"] == 5 and result["correct"] == sum(r["correct"] for r in rows)
+    assert (result["accuracy"], result["stderr"]) == pytest.approx(evaluate.accuracy_with_stderr([r["correct"] for r in rows]))
+    stops = chat.stop_token_ids(tokenizer)
+    for problem, row in zip(problems, rows):
+        assert row["reference"] == problem.reference
+        assert row["extracted"] == evaluate.extract_answer(row["output"])
+        assert row["correct"] == evaluate.is_correct(row["output"], problem.reference)
+        # the output is what greedy generation gives for this prompt alone
+        prompt = chat.render_prompt([{"role": "user", "content": problem.question}], tokenizer)
+        alone = generate.generate(model, prompt, max_new_tokens=6, stop_tokens=stops, repetition_stop=evaluate.REPETITION_WINDOW)
+        assert row["output"] == tokenizer.decode([t for t in alone if t not in stops])
+        assert row["prompt"] == tokenizer.decode(prompt)
+
+
+def test_evaluate_model_fewshot_from_task_name(nano_dirs, tok_and_model):
+    from nano.paths import raw_dir
+
+    tokenizer, model = tok_and_model
+    write_jsonl(raw_dir() / "tinymath_test.jsonl", math_rows(6))
+    write_jsonl(raw_dir() / "tinymath_train.jsonl", [dict(r, id="train-" + r["id"]) for r in math_rows(3)])
+    out = nano_dirs / "fewshot.jsonl"
+    result = evaluate.evaluate_model(model, tokenizer, "tinymath", limit=4, mode="fewshot", num_fewshot=2,
+                                     batch_size=3, max_new_tokens=5, out_jsonl=out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result["n"] == 4 and result["num_fewshot"] == 2 and [r["id"] for r in rows] == ["m0", "m1", "m2", "m3"]
+    # two worked examples from the train split, then the question, open for the answer
+    assert rows[3]["prompt"].count("Question:") == 3 and rows[3]["prompt"].endswith("How many apples?\nAnswer:")
+    assert all("Question:" not in r["output"] for r in rows)  # a started next question is cut off
+    # a prompt too long for the context drops examples, one at a time, until it fits
+    problems, examples = evaluate.load_task("tinymath", limit=1), evaluate.load_task("tinymath", "train")
+    (full,) = evaluate.build_prompts(tokenizer, problems, "fewshot", 3, examples)
+    (fits,) = evaluate.build_prompts(tokenizer, problems, "fewshot", 3, examples, max_prompt_tokens=len(full) - 1)
+    assert tokenizer.decode(fits).count("Question:") == 3  # 2 examples + the question
+
+
+def test_token_byte_lengths(tok_and_model):
+    tokenizer, _ = tok_and_model
+    lengths = evaluate.token_byte_lengths(tokenizer)
+    assert len(lengths) == tokenizer.vocab_size
+    for name, token_id in tokenizer.special_tokens.items():
+        assert lengths[token_id] == 0, f"{name} is structure, not text: 0 bytes"
+    ids = tokenizer.encode("Once upon a time there was a little cat.")
+    assert lengths[ids].sum() == len("Once upon a time there was a little cat.".encode())

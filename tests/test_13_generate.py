@@ -1,0 +1,246 @@
+"""
+Exercise (lesson 13): write `nano/generate.py`, the sampling loop with a KV cache.
+
+Implement
+  - `top_k_filter(logits, k)` and `top_p_filter(logits, p)`: set the logits of the tokens they drop
+    to -inf (top-k keeps the k largest; top-p keeps the fewest top tokens whose probability reaches p),
+  - `sample_next(logits, temperature, top_k, top_p, generator)`: argmax at temperature 0, else a
+    seeded draw from the filtered softmax,
+  - `generate(model, prompt_ids, max_new_tokens, ...)`: prefill the prompt into the KV cache once, then
+    feed one token per step, so that greedy output equals recomputing everything each step
+    (`use_cache=False`); stop at a stop token (kept as the last id), at a repetition loop, or at the
+    model's context length; call `on_token` for every new token,
+  - `generate_batch(model, prompts, ...)`: left-pad the prompts, mask the padding, share one cache;
+    greedy rows equal `generate` one prompt at a time,
+  - `StreamDecoder`: text from token ids without ever printing half a character.
+
+The model here is the real GemmaNano at a toy size (vocab 64, width 32, 2 layers), randomly
+initialised with a fixed seed: its text is nonsense, but the cache arithmetic is the real one.
+"""
+
+import pytest
+import torch
+
+from adapters import impl
+
+generate_mod = impl("generate")
+model_mod = impl("model")
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = model_mod.model_config(
+        "tiny", vocab_size=VOCAB, context_len=48, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+        head_dim=16, d_ff=64, sliding_window=8, query_pre_attn_scalar=16.0, attn_impl="eager",
+    )
+    return model_mod.GemmaNano(cfg).eval()
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (length,), generator=g).tolist()
+
+
+# ---- filters and sampling on hand-made logits ---------------------------------------------------
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 4.0, -2.0, 3.0, 0.5], [0.0, 0.0, 9.0, 1.0, 2.0]])
+    kept = generate_mod.top_k_filter(logits, 2)
+    assert torch.isfinite(kept).tolist() == [[False, True, False, True, False], [False, False, True, False, True]]
+    # kept logits are unchanged, not renormalised
+    assert kept[0, 1] == 4.0 and kept[1, 4] == 2.0
+    # k >= vocabulary keeps everything
+    assert torch.equal(generate_mod.top_k_filter(logits, 5), logits)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5, 0.3, 0.15, 0.05
+    logits = probs.log()
+    # p = 0.7: 0.5 alone is not enough, 0.5 + 0.3 = 0.8 is: tokens 1 and 3
+    assert torch.isfinite(generate_mod.top_p_filter(logits, 0.7)).tolist() == [False, True, False, True]
+    # p = 0.85: needs 0.5 + 0.3 + 0.15
+    assert torch.isfinite(generate_mod.top_p_filter(logits, 0.85)).tolist() == [False, True, True, True]
+    # a tiny p still keeps the top token
+    assert torch.isfinite(generate_mod.top_p_filter(logits, 0.01)).tolist() == [False, True, False, False]
+    # p = 1 keeps all
+    assert torch.isfinite(generate_mod.top_p_filter(logits, 1.0)).all()
+
+
+def test_sample_next_greedy_and_seeded():
+    logits = torch.tensor([[0.1, 2.0, 1.9, -1.0], [3.0, 0.0, 0.0, 2.9]])
+    assert generate_mod.sample_next(logits, temperature=0.0).tolist() == [1, 0]
+    # seeded draws repeat; top_k=2 never yields a token outside the two largest
+    def draws(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [generate_mod.sample_next(logits, 1.5, generator=g).tolist() for _ in range(20)]
+
+    assert draws(3) == draws(3)
+    assert draws(3) != draws(4)  # (a 1 in 2^20-ish coincidence otherwise)
+    g = torch.Generator().manual_seed(0)
+    many = torch.stack([generate_mod.sample_next(logits, 2.0, top_k=2, generator=g) for _ in range(200)])  # (200, 2)
+    assert set(many[:, 0].tolist()) == {1, 2} and set(many[:, 1].tolist()) == {0, 3}
+
+
+# ---- generation with the real model ---------------------------------------------------------------
+
+
+def test_cached_greedy_equals_uncached(model):
+    for length, seed in [(1, 0), (5, 1), (12, 2)]:
+        prompt = random_prompt(length, seed)
+        cached = generate_mod.generate(model, prompt, max_new_tokens=20, use_cache=True)
+        uncached = generate_mod.generate(model, prompt, max_new_tokens=20, use_cache=False)
+        assert len(cached) == 20
+        assert cached == uncached, f"prompt of {length}: cache changed greedy output"
+
+
+def test_cache_feeds_one_token_per_step(model):
+    """With the cache: the prompt once, then single tokens. Without: the whole sequence each step."""
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(args[0].shape[1]), with_kwargs=True)
+    try:
+        generate_mod.generate(model, random_prompt(5, 3), max_new_tokens=4, use_cache=True)
+        cached, lengths[:] = list(lengths), []
+        generate_mod.generate(model, random_prompt(5, 3), max_new_tokens=4, use_cache=False)
+    finally:
+        hook.remove()
+    assert cached == [5, 1, 1, 1]  # the 4th token is chosen but never fed
+    assert lengths == [5, 6, 7, 8]
+
+
+def test_seeded_sampling_repeats_and_cache_matches(model):
+    prompt = random_prompt(6, 4)
+    kwargs = dict(max_new_tokens=15, temperature=1.0, top_k=20, top_p=0.9, seed=123)
+    first = generate_mod.generate(model, prompt, **kwargs)
+    assert generate_mod.generate(model, prompt, **kwargs) == first
+    assert generate_mod.generate(model, prompt, use_cache=False, **kwargs) == first
+    assert all(0 <= t < VOCAB for t in first)
+
+
+def test_batch_equals_one_by_one(model):
+    prompts = [random_prompt(n, 10 + n) for n in (7, 2, 11, 1, 5)]
+    batch = generate_mod.generate_batch(model, prompts, max_new_tokens=12)
+    alone = [generate_mod.generate(model, p, max_new_tokens=12) for p in prompts]
+    assert batch == alone
+
+
+def test_stop_token_stops_each_row(model):
+    prompt = random_prompt(4, 5)
+    free = generate_mod.generate(model, prompt, max_new_tokens=20)
+    # pick a token the model writes for the first time at step k: generation must end right there
+    k = next(i for i in range(2, 20) if free[i] not in free[:i])
+    stopped = generate_mod.generate(model, prompt, max_new_tokens=20, stop_tokens=[free[k]])
+    assert stopped == free[: k + 1]
+    # in a batch, only the row that meets the stop token stops
+    other = random_prompt(9, 6)
+    other_free = generate_mod.generate(model, other, max_new_tokens=20, stop_tokens=[free[k]])
+    rows = generate_mod.generate_batch(model, [prompt, other], max_new_tokens=20, stop_tokens=[free[k]])
+    assert rows == [free[: k + 1], other_free]
+
+
+def test_streaming_callback_sees_every_token(model):
+    seen = []
+    out = generate_mod.generate(model, random_prompt(3, 7), max_new_tokens=10, on_token=seen.append)
+    assert seen == out and len(out) == 10
+
+
+def test_repetition_stop(model):
+    assert generate_mod.is_looping([9, 1, 2, 1, 2, 1, 2], window=6)
+    assert generate_mod.is_looping([5, 5, 5, 5], window=4)
+    assert not generate_mod.is_looping([1, 2, 3, 1, 2, 4], window=6)
+    assert not generate_mod.is_looping([5, 5, 5], window=4)  # shorter than the window
+    assert not generate_mod.is_looping([5] * 10, window=0)  # 0 = off
+    prompt = random_prompt(5, 8)
+    free = generate_mod.generate(model, prompt, max_new_tokens=40)
+    # where the rule says the loop is seen first
+    expected_len = next((n for n in range(1, 41) if generate_mod.is_looping(free[:n], 6)), 40)
+    assert expected_len < 40, "this seeded toy model was expected to fall into a loop"
+    assert generate_mod.generate(model, prompt, max_new_tokens=40, repetition_stop=6) == free[:expected_len]
+    assert generate_mod.generate_batch(model, [prompt], max_new_tokens=40, repetition_stop=6) == [free[:expected_len]]
+
+
+def test_context_length_is_respected(model):
+    context_len = model.cfg.context_len
+    prompt = random_prompt(context_len - 5, 9)
+    # the sequence never exceeds the context: 5 new tokens at most, with or without the cache
+    for use_cache in (True, False):
+        assert len(generate_mod.generate(model, prompt, max_new_tokens=20, use_cache=use_cache)) == 5
+    # a prompt longer than the context keeps its last context_len - 1 tokens
+    long_prompt = random_prompt(context_len + 10, 10)
+    assert generate_mod.generate(model, long_prompt, 3) == generate_mod.generate(model, long_prompt[-(context_len - 1):], 3)
+    assert len(generate_mod.generate(model, long_prompt, 3)) == 1
+
+
+def test_cache_reuse_across_turns(model):
+    """Multi-turn chat: a second call that extends the same cache equals one fresh call on everything."""
+    first_turn, second_turn = random_prompt(6, 11), random_prompt(4, 12)
+    cache = model.new_kv_cache(1, model.cfg.context_len)
+    reply = generate_mod.generate(model, first_turn, max_new_tokens=5, kv_cache=cache)
+    # the cache holds the prompt and every reply token but the last, which the next call feeds first
+    assert cache.pos == len(first_turn) + len(reply) - 1
+    second = generate_mod.generate(model, [reply[-1]] + second_turn, max_new_tokens=5, kv_cache=cache)
+    fresh = generate_mod.generate(model, first_turn + reply + second_turn, max_new_tokens=5)
+    assert second == fresh
+
+
+# ---- printing a stream of bytes safely --------------------------------------------------------------
+
+
+def tokenizer_with_half_an_emoji():
+    """A real nano Tokenizer, built from parts: specials 0-5, bytes 6-261, and ONE merge F0 + 9F -> 262.
+
+    "😀" is the 4 bytes F0 9F 98 80, so it encodes as [262, 6 + 0x98, 6 + 0x80]: one character
+    spread over three tokens, the first of which is half a character.
+    """
+    tokenizer_mod = impl("tokenizer")
+    specials = tokenizer_mod.SPECIAL_TOKENS
+    vocab = {i: name.encode() for i, name in enumerate(specials)}
+    vocab.update({len(specials) + b: bytes([b]) for b in range(256)})
+    vocab[len(specials) + 256] = b"\xf0\x9f"
+    return tokenizer_mod.Tokenizer(vocab, [(b"\xf0", b"\x9f")], special_tokens=specials)
+
+
+def test_stream_decoder_holds_back_partial_utf8():
+    tokenizer = tokenizer_with_half_an_emoji()
+    text = "hi 😀 é!"
+    ids = tokenizer.encode(text)
+    emoji_at = len(tokenizer.encode("hi "))
+    assert ids[emoji_at] == len(tokenizer.special_tokens) + 256  # the merged half-emoji token is used
+    decoder = generate_mod.StreamDecoder(tokenizer)
+    pieces = [decoder.feed(i) for i in ids]
+    # the emoji's 3 tokens arrive one by one: nothing is printed until the last, never U+FFFD
+    assert pieces[emoji_at : emoji_at + 3] == ["", "", "😀"]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + decoder.flush() == text
+    # whereas decoding each token on its own would print replacement characters
+    assert "\ufffd" in tokenizer.decode([ids[emoji_at]])
+
+
+def test_stream_decoder_specials_batches_and_flush():
+    tokenizer = tokenizer_with_half_an_emoji()
+    decoder = generate_mod.StreamDecoder(tokenizer)
+    end_of_turn = tokenizer.special_tokens["<end_of_turn>"]
+    # several ids at once work; special tokens are skipped
+    assert decoder.feed(tokenizer.encode("ok") + [end_of_turn]) == "ok"
+    assert decoder.feed(tokenizer.encode("😀")[:1]) == ""
+    assert decoder.flush() == "\ufffd"  # the stream ended mid-character: only now is it replaced
+    assert generate_mod.StreamDecoder(tokenizer, skip_special=False).feed([end_of_turn]) == "<end_of_turn>"
+
+
+def test_generation_restores_training_mode(model):
+    """RL lessons generate mid-training: generation runs in eval mode and gives the mode back."""
+    modes_seen = []
+    hook = model.register_forward_pre_hook(lambda module, args: modes_seen.append(module.training))
+    model.train()
+    try:
+        generate_mod.generate(model, [1, 2], max_new_tokens=2)
+        assert model.training
+        generate_mod.generate_batch(model, [[1, 2], [3]], max_new_tokens=2)
+        assert model.training
+    finally:
+        model.eval()
+        hook.remove()
+    assert modes_seen and not any(modes_seen)  # every forward pass ran in eval mode
