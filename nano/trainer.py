@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nano.checkpoint import load_checkpoint, save_checkpoint
+from nano.checkpoint import load_checkpoint, load_state_checked, save_checkpoint
 from nano.config import pick_device
 from nano.plot import line_chart, write_svg
 
@@ -229,7 +229,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, task: T
     start_step, best_val = 0, float("inf")
     if cfg.resume:
         ckpt = load_checkpoint(last_path, map_location=device)
-        model.load_state_dict(ckpt["model"])
+        load_state_checked(model, ckpt["model"], source=str(last_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step, best_val = ckpt["step"], ckpt.get("best_val_loss", float("inf"))
         if d.is_main:

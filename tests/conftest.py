@@ -21,3 +21,53 @@ def nano_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("NANO_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("NANO_RUNS_DIR", str(tmp_path / "runs"))
     return tmp_path
+
+
+def run_lesson(name: str, *argv: str):
+    """Run lessons/<name>.py's main() in this process with `argv` as its command line."""
+    import importlib.util
+
+    path = ROOT / "lessons" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"lesson_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    old_argv = sys.argv
+    sys.argv = [str(path), *argv]
+    try:
+        return module.main()
+    finally:
+        sys.argv = old_argv
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """Lessons 0, 1, 2 and 4 at smoke-test size in a temporary folder, once per test session.
+
+    Returns the folder; NANO_DATA_DIR / NANO_RUNS_DIR point there while a test that uses it runs.
+    Later lessons' tests build on it (a tokenizer of 300 tokens, bins, a base checkpoint).
+    """
+    import os
+
+    root = tmp_path_factory.mktemp("pipeline")
+    old = {k: os.environ.get(k) for k in ("NANO_DATA_DIR", "NANO_RUNS_DIR")}
+    os.environ["NANO_DATA_DIR"], os.environ["NANO_RUNS_DIR"] = str(root / "data"), str(root / "runs")
+    try:
+        run_lesson("00_data", "--fast_dev_run")
+        run_lesson("01_tokenizer", "--vocab_size", "300", "--num_workers", "1")
+        run_lesson("02_bins", "--num_workers", "1")
+        run_lesson("04_pretrain", "--fast_dev_run", "--context_len", "64", "--micro_batch_size", "8", "--batch_size", "8")
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return root
+
+
+@pytest.fixture
+def pipeline_dirs(tiny_pipeline, monkeypatch):
+    """Point nano.paths at the tiny pipeline's data/ and runs/ for one test."""
+    monkeypatch.setenv("NANO_DATA_DIR", str(tiny_pipeline / "data"))
+    monkeypatch.setenv("NANO_RUNS_DIR", str(tiny_pipeline / "runs"))
+    return tiny_pipeline
