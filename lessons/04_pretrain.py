@@ -35,12 +35,12 @@ class PretrainConfig(TrainConfig):
     context_len: int = field(default=0, metadata={"help": "tokens per training window (0 = the preset's)"})
     attn_impl: str = field(default="auto", metadata={"help": "attention: eager reference, fused Triton kernel, or auto",
                                                      "choices": ["auto", "eager", "triton"]})
-    # the shared loop's defaults, fitted to the tiny preset on 2 CPU cores (about 3-4 minutes)
-    steps: int = field(default=600, metadata={"help": "optimizer steps in the whole run"})
+    # the shared loop's defaults, fitted to the tiny preset on 2 CPU cores (a few minutes)
+    steps: int = field(default=300, metadata={"help": "optimizer steps in the whole run"})
     batch_size: int = field(default=16, metadata={"help": "windows per optimizer step"})
     micro_batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (small models like it high)"})
-    eval_every: int = field(default=150, metadata={"help": "steps between evaluations and checkpoints"})
+    eval_every: int = field(default=100, metadata={"help": "steps between evaluations and checkpoints"})
 
 
 def flops_per_token(cfg, n_params: int) -> float:
