@@ -75,8 +75,8 @@ def error_table(model: torch.nn.Module, targets: tuple[str, ...], blocksize: int
             w = m.weight.detach().float()
             err = quantization_error(w, quantize_nf4(w, blocksize, double_quant=double_quant))
             rows.append((name, err, float(w.abs().mean())))
-    mean_abs = sum(e["mean_abs"] for _, e in rows) / len(rows)
-    rel = sum(e["relative_rms"] for _, e in rows) / len(rows)
+    mean_abs = sum(e["mean_abs"] for _, e, _ in rows) / len(rows)
+    rel = sum(e["relative_rms"] for _, e, _ in rows) / len(rows)
     worst = max(rows, key=lambda r: r[1]["relative_rms"])
     print(f"\nquantization error over {len(rows)} layers: mean |w - w_hat| {mean_abs:.5f} "
           f"(weights average |w| {sum(r[2] for r in rows) / len(rows):.5f}), relative RMS error {rel:.1%}; "

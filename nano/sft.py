@@ -104,9 +104,15 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
         raise ValueError(f"{base_path} was trained with another tokenizer than {tokenizer_dir()} — rerun make lesson-4")
     max_len = cfg.max_len or model.cfg.context_len
     train_set, val_set = SFTDataset("train", tokenizer), SFTDataset("val", tokenizer)
+    # conversations longer than max_len would lose the end of their answer (or all of it): skip them
+    train_ids = np.flatnonzero(train_set.lengths <= max_len + 1)
+    val_ids = np.flatnonzero(val_set.lengths <= max_len + 1)
+    if len(train_ids) == 0 or len(val_ids) == 0:
+        raise ValueError(f"no conversation fits max_len {max_len}: raise --max_len")
     run_dir = runs_dir() / stage / cfg.run_name
     print(f"base: {base_path} (step {base_ckpt.get('step')})")
-    print(f"data: {len(train_set):,} train conversations, {len(val_set):,} held out; max_len {max_len}")
+    print(f"data: {len(train_ids):,} train conversations, {len(val_ids):,} held out "
+          f"({len(train_set) - len(train_ids):,} longer than max_len {max_len} skipped)")
     print(f"writing to {run_dir}")
     save_config(cfg, run_dir)
 
@@ -122,10 +128,11 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
     print(f"{describe}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     # 3. batches, loss and evaluation for the shared loop
-    val_rows = list(range(min(len(val_set), cfg.eval_batches * cfg.micro_batch_size)))
+    val_rows = val_ids[: cfg.eval_batches * cfg.micro_batch_size].tolist()
 
     def make_batch(step, rows, device):
-        picks = [train_set[conversation_index(cfg.seed, step, r, cfg.batch_size, len(train_set))] for r in rows]
+        picks = [train_set[train_ids[conversation_index(cfg.seed, step, r, cfg.batch_size, len(train_ids))]]
+                 for r in rows]
         return sft_batch(picks, max_len=max_len, pack=cfg.pack, device=device)
 
     def loss(model, batch):

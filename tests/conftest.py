@@ -30,6 +30,7 @@ def run_lesson(name: str, *argv: str):
     path = ROOT / "lessons" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"lesson_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     old_argv = sys.argv
     sys.argv = [str(path), *argv]

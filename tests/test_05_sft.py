@@ -41,7 +41,7 @@ def test_loss_ignores_prompt_targets():
 
 
 def test_full_sft_smoke_run(pipeline_dirs):
-    run_lesson("05_sft_full", "--fast_dev_run", "--micro_batch_size", "4", "--batch_size", "4")
+    run_lesson("05_sft_full", "--fast_dev_run", "--micro_batch_size", "4", "--batch_size", "4", "--max_len", "160")
     run = pipeline_dirs / "runs" / "sft" / "full" / "default"
     assert (run / "checkpoints" / "ckpt_best.pth").is_file()
     report = json.loads((run / "report.json").read_text())
@@ -52,7 +52,7 @@ def test_full_sft_smoke_run(pipeline_dirs):
 @pytest.mark.parametrize("lesson, stage", [("06_sft_lora", "lora"), ("07_sft_qlora", "qlora")])
 def test_adapter_lessons_save_small_adapters(pipeline_dirs, lesson, stage):
     lora = impl("lora")
-    run_lesson(lesson, "--fast_dev_run", "--micro_batch_size", "4", "--batch_size", "4", "--r", "4")
+    run_lesson(lesson, "--fast_dev_run", "--micro_batch_size", "4", "--batch_size", "4", "--r", "4", "--max_len", "160")
     run = pipeline_dirs / "runs" / "sft" / "peft" / stage / "default"
     report = json.loads((run / "report.json").read_text())
     assert 0 < report["trainable_params"] < report["total_params"] / 5
