@@ -1,0 +1,261 @@
+"""
+Lesson 12: the final exam. Every stage trained so far answers the same held-out math problems, and
+is scored on the same held-out stories, side by side in one table.
+
+    make lesson-12                                   # every stage that exists (a few CPU minutes)
+    python lessons/12_evaluate.py --tasks tinymath --limit 50
+    python lessons/12_evaluate.py --checkpoint_path runs/sft/full/default/checkpoints/ckpt_best.pth \\
+        --tasks gsm8k --limit 20                     # one checkpoint (needs GSM8K, see below)
+    python lessons/12_evaluate.py --checkpoint_path runs/pretrain/default/checkpoints/ckpt_best.pth \\
+        --adapter_path runs/sft/peft/qlora/default/adapter.pth --quantize
+
+With no checkpoint given it looks for each stage's files under runs/ (base, SFT full / LoRA / QLoRA,
+DPO, GRPO, PPO) and lists the missing ones as "not trained yet". Chat models are asked zero-shot in
+the chat format; the base model, which never saw a chat, gets --num_fewshot worked examples as plain
+text. Greedy decoding throughout, so a score belongs to the checkpoint, not to a seed.
+
+GSM8K is evaluated when data/raw/gsm8k_test.jsonl exists (`make lesson-0 ARGS="--gsm8k download"`)
+or --gsm8k_path points at the official jsonl. Writes runs/eval/ (runs/eval/single/ for one
+checkpoint): results.md, results.json, one SVG bar chart per task, samples/<stage>_<task>.jsonl.
+The doc is lessons/12_evaluate.md.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from nano.config import parse_config, pick_device, print_config, save_config
+from nano.evaluate import evaluate_model, load_task, parse_tasks, task_path, token_byte_lengths, validation_loss
+from nano.loading import STAGES, Stage, load_tokenizer
+from nano.paths import runs_dir
+from nano.plot import bar_chart, write_svg
+
+# Per-task defaults. TinyMath's worked answers are 48 tokens long at the median, 73 at most (lesson
+# 1's tokenizer writes every digit as a token): 96 leaves room. GSM8K's answers are long and slow to
+# generate, and a model this small scores ~0 on them anyway, so fewer problems.
+TASK_DEFAULTS = {
+    "tinymath": {"limit": 200, "max_new_tokens": 96},
+    "gsm8k": {"limit": 50, "max_new_tokens": 256},
+}
+
+
+@dataclass
+class EvalConfig:
+    checkpoint_path: str = field(default="", metadata={"help": "evaluate this one checkpoint ('' = every stage under runs/)"})
+    adapter_path: str = field(default="", metadata={"help": "LoRA/QLoRA adapter to put on --checkpoint_path"})
+    quantize: bool = field(default=False, metadata={"help": "NF4-quantize --checkpoint_path's projections (QLoRA adapters want this)"})
+    mode: str = field(default="auto", metadata={"help": "prompting for --checkpoint_path (auto: few-shot for a pretrain checkpoint, else chat)",
+                                                "choices": ["auto", "chat", "fewshot"]})
+    tasks: str = field(default="", metadata={"help": "comma-separated: tinymath, gsm8k ('' = tinymath, plus gsm8k if it is on disk)"})
+    limit: int = field(default=0, metadata={"help": "problems per task (0 = tinymath 200, gsm8k 50)"})
+    num_fewshot: int = field(default=3, metadata={"help": "worked examples shown to the base model (fewer if the context is full)"})
+    max_new_tokens: int = field(default=0, metadata={"help": "answer length cap (0 = tinymath 96, gsm8k 256; at most half the context)"})
+    batch_size: int = field(default=16, metadata={"help": "problems generated together"})
+    gsm8k_path: str = field(default="", metadata={"help": "a local GSM8K test jsonl ('' = data/raw/gsm8k_test.jsonl)"})
+    val_batches: int = field(default=8, metadata={"help": "validation windows = val_batches x val_batch_size (lesson 4's numbers)"})
+    val_batch_size: int = field(default=16, metadata={"help": "windows per validation batch"})
+    out_dir: str = field(default="", metadata={"help": "where to write ('' = runs/eval, or runs/eval/single for one checkpoint)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (0 = torch's default); see the doc"})
+    seed: int = field(default=0, metadata={"help": "only matters with sampling; evaluation is greedy"})
+
+
+# -----------------------------------------------------------------------------------------------
+# 1. which models to evaluate
+
+
+def single_stage(cfg: EvalConfig) -> Stage:
+    """The --checkpoint_path form as a Stage, named after the stage it is when it is one of ours."""
+    checkpoint = Path(cfg.checkpoint_path).resolve()
+    adapter = Path(cfg.adapter_path).resolve() if cfg.adapter_path else None
+    name = checkpoint.parent.parent.name if checkpoint.parent.name == "checkpoints" else checkpoint.stem
+    for stage in STAGES:
+        ours, our_adapter = stage.paths()
+        same_adapter = our_adapter.resolve() == adapter if our_adapter else adapter is None
+        if ours.resolve() == checkpoint and same_adapter and stage.quantize == cfg.quantize:
+            name = stage.name
+    # auto: a pretrained model without an adapter has never seen the chat format -> few-shot
+    chat = cfg.mode == "chat" or (cfg.mode == "auto" and not ("pretrain" in checkpoint.parts and adapter is None))
+    return Stage(name, 0, str(checkpoint), str(adapter) if adapter else "", cfg.quantize, chat)
+
+
+def mode_of(stage: Stage) -> str:
+    """Chat models answer zero-shot in the chat format; the base model continues few-shot text."""
+    return "chat" if stage.chat else "fewshot"
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. which tasks
+
+
+def choose_tasks(cfg: EvalConfig) -> tuple[list[str], list[str]]:
+    """(tasks to run, tasks shown as skipped). Asked-for tasks must exist; GSM8K is optional by default."""
+    if cfg.tasks:
+        tasks = parse_tasks(cfg.tasks)  # an unknown name is an error listing the known ones
+        for task in tasks:  # fail now, before loading any model, if a task's file is missing
+            load_task(task, path=(cfg.gsm8k_path or None) if task == "gsm8k" else None, limit=1)
+        return tasks, []
+    if cfg.gsm8k_path or task_path("gsm8k").is_file():
+        return ["tinymath", "gsm8k"], []
+    print(f'GSM8K: not on disk ({task_path("gsm8k")}), so only TinyMath is evaluated. '
+          'To add it: make lesson-0 ARGS="--gsm8k download" (needs the network), or --gsm8k_path FILE.')
+    return ["tinymath"], ["gsm8k"]
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. evaluating one model
+
+
+def evaluate_stage(stage: Stage, tasks: list[str], cfg: EvalConfig, device: str, out_dir: Path) -> dict:
+    """Load one stage, grade it on every task, and measure its validation loss; returns its row."""
+    start = time.time()
+    model, info = stage.load(device)  # nano/loading.py: checkpoint -> NF4 (if asked) -> adapter
+    tokenizer = load_tokenizer(info["tokenizer_fingerprint"])
+    mode = mode_of(stage)
+    print(f"\n=== {stage.name}: {info['description']}")
+    row = {"stage": stage.name, "status": "evaluated", "mode": mode, "checkpoint": str(info["checkpoint_path"]),
+           "adapter": str(info["adapter_path"]) if info["adapter_path"] else None, "quantized": stage.quantize,
+           "results": {}}
+
+    # 3a. the math problems, graded; every sample goes to a jsonl file to read afterwards
+    for task in tasks:
+        limit = cfg.limit or TASK_DEFAULTS[task]["limit"]
+        samples = out_dir / "samples" / f"{stage.name}_{task}.jsonl"
+        result = evaluate_model(
+            model, tokenizer, task, limit=limit, mode=mode,
+            num_fewshot=cfg.num_fewshot if mode == "fewshot" else 0, batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens or TASK_DEFAULTS[task]["max_new_tokens"], out_jsonl=samples,
+            task_file=(cfg.gsm8k_path or None) if task == "gsm8k" else None, seed=cfg.seed, progress=True,
+        )
+        result["samples"] = str(samples)
+        if mode == "fewshot":  # long examples are dropped to fit the context: say how many fitted
+            shots = [json.loads(line)["prompt"].count("Question:") - 1 for line in samples.open(encoding="utf-8")]
+            result["shots_used"] = [min(shots), max(shots)] if shots else [0, 0]
+        row["results"][task] = result
+        shots = f", {result['shots_used'][0]}-{result['shots_used'][1]} shots fitted" if "shots_used" in result else ""
+        print(f"{task}: {result['correct']}/{result['n']} = {100 * result['accuracy']:.1f}% "
+              f"± {100 * result['stderr']:.1f} ({mode}{shots}) -> {samples}")
+
+    # 3b. validation loss and bits per byte on the held-out stories of lesson 2
+    row["val_loss"], row["val_bpb"], row["val_note"] = float("nan"), float("nan"), ""
+    try:
+        from nano.bins import load_pretrain_tokens
+
+        tokens = load_pretrain_tokens("val", tokenizer)
+        row["val_loss"], row["val_bpb"] = validation_loss(
+            model, tokens, model.cfg.context_len, cfg.val_batches, cfg.val_batch_size,
+            byte_lengths=token_byte_lengths(tokenizer), device=device)
+        print(f"validation: {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte")
+    except (FileNotFoundError, ValueError) as e:  # no bins, bins of another tokenizer, or too short
+        row["val_note"] = str(e)
+        print(f"validation loss skipped: {e}")
+    row["seconds"] = round(time.time() - start, 1)
+    return row
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. the table, the chart, the files
+
+
+def percent(result: dict | None) -> str:
+    """'41.5% ± 3.5' (accuracy and its standard error, in points)."""
+    if not result or result["n"] == 0:
+        return "—"
+    return f"{100 * result['accuracy']:.1f}% ± {100 * result['stderr']:.1f} (n={result['n']})"
+
+
+def table(rows: list[dict], tasks: list[str], skipped: list[str]) -> str:
+    """One markdown table: a row per stage, trained or not; a column per task."""
+    header = ["stage", "mode"] + [f"{t} acc ± stderr" for t in tasks + skipped] + ["val loss", "bpb"]
+    lines = []
+    for row in rows:
+        if row["status"] != "evaluated":
+            cells = [row["stage"], "—", row["status"]] + ["—"] * (len(tasks) + len(skipped) - 1) + ["—", "—"]
+        else:
+            mode = "chat" if row["mode"] == "chat" else "few-shot"
+            cells = ([row["stage"] + (" (4-bit)" if row["quantized"] else ""), mode]
+                     + [percent(row["results"].get(t)) for t in tasks] + ["not downloaded"] * len(skipped)
+                     + [f"{row['val_loss']:.3f}" if math.isfinite(row["val_loss"]) else "—",
+                        f"{row['val_bpb']:.3f}" if math.isfinite(row["val_bpb"]) else "—"])
+        lines.append(cells)
+    widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines])
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(rows: list[dict], tasks: list[str], skipped: list[str], cfg: EvalConfig, out_dir: Path) -> str:
+    """results.md, results.json and a bar chart per task; returns the table."""
+    text = table(rows, tasks, skipped)
+    notes = ["accuracy ± one standard error, sqrt(p(1-p)/n); greedy decoding; val loss in nats/token and "
+             "bits per byte on the held-out stories (lesson 2's val.bin)"]
+    notes += [f"{t}: not downloaded — make lesson-0 ARGS=\"--gsm8k download\"" for t in skipped]
+    write_text_atomic(out_dir / "results.md", "# Evaluation\n\n" + text + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+    write_text_atomic(out_dir / "results.json", json.dumps({"config": asdict(cfg), "tasks": tasks, "skipped": skipped,
+                                                            "stages": clean}, indent=2) + "\n")
+    for task in tasks:
+        done = [r for r in rows if r["status"] == "evaluated" and r["results"].get(task, {}).get("n")]
+        if done:
+            n = done[0]["results"][task]["n"]
+            svg = bar_chart({r["stage"]: 100 * r["results"][task]["accuracy"] for r in done},
+                            title=f"{task}: accuracy per stage (greedy, n={n}, bars: ± 1 stderr)", ylabel="% correct",
+                            errors={r["stage"]: 100 * r["results"][task]["stderr"] for r in done})
+            write_svg(out_dir / f"{task}.svg", svg)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(EvalConfig, argv)
+    print_config(cfg)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    tasks, skipped = choose_tasks(cfg)
+
+    # 1. the models: one checkpoint, or every stage with its files on disk
+    if cfg.checkpoint_path:
+        stages = [single_stage(cfg)]
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else runs_dir() / "eval" / "single"
+    else:
+        stages = STAGES
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else runs_dir() / "eval"
+        found = [s.name for s in stages if s.exists()]
+        print(f"stages found under {runs_dir()}: {', '.join(found) or 'none'}")
+        if not found:
+            raise FileNotFoundError(f"no trained model under {runs_dir()} — run `make lesson-4` (pretraining) first")
+    print(f"tasks: {', '.join(tasks)}; device {device}, {torch.get_num_threads()} CPU thread(s); writing to {out_dir}")
+    save_config(cfg, out_dir)
+
+    # 2. evaluate each one that exists, in the order of the lessons
+    rows = []
+    for stage in stages:
+        if cfg.checkpoint_path or stage.exists():
+            rows.append(evaluate_stage(stage, tasks, cfg, device, out_dir))
+        else:
+            rows.append({"stage": stage.name, "status": f"not trained yet (make lesson-{stage.lesson})"})
+
+    # 3. one table, and the files
+    text = write_outputs(rows, tasks, skipped, cfg, out_dir)
+    print(f"\n{text}\n")
+    print("accuracy ± one standard error; val loss in nats/token; bpb = bits per byte of the held-out stories")
+    print(f"wrote {out_dir / 'results.md'}, results.json, {', '.join(t + '.svg' for t in tasks)} and samples/")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad input: one line that says what to do, no traceback
+        sys.exit(f"error: {e}")
