@@ -212,7 +212,7 @@ def write_outputs(rows: list[dict], tasks: list[str], skipped: list[str], cfg: E
             n = done[0]["results"][task]["n"]
             svg = bar_chart({r["stage"]: 100 * r["results"][task]["accuracy"] for r in done},
                             title=f"{task}: accuracy per stage (greedy, n={n}, bars: ± 1 stderr)", ylabel="% correct",
-                            errors={r["stage"]: 100 * r["results"][task]["stderr"] for r in done})
+                            errors={r["stage"]: 100 * r["results"][task]["stderr"] for r in done}, y_max=10.0)
             write_svg(out_dir / f"{task}.svg", svg)
     return text
 

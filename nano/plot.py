@@ -84,10 +84,15 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str = "", xl
     return "\n".join(out)
 
 
-def bar_chart(values: dict[str, float], title: str = "", ylabel: str = "", errors: dict[str, float] | None = None) -> str:
-    """An SVG bar chart, one bar per name, optional error bars (e.g. a standard error)."""
+def bar_chart(values: dict[str, float], title: str = "", ylabel: str = "", errors: dict[str, float] | None = None,
+              y_max: float = 1e-9) -> str:
+    """An SVG bar chart, one bar per name, optional error bars (e.g. a standard error).
+
+    The axis runs from 0 to the tallest bar, or to y_max if that is higher (an accuracy chart
+    passes y_max=1.0 so that bars of 0 do not get an axis of 0 to 2e-10).
+    """
     errors = errors or {}
-    top = max([v + errors.get(k, 0.0) for k, v in values.items()] + [1e-9])
+    top = max([v + errors.get(k, 0.0) for k, v in values.items()] + [y_max])
     plot_w, plot_h = WIDTH - MARGIN_LEFT - 24, HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
     slot = plot_w / max(len(values), 1)
     out = _frame(title, "", ylabel)
