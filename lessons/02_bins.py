@@ -33,6 +33,7 @@ class BinsConfig:
     tinymath_val_fraction: float = field(
         default=0.05, metadata={"help": "share of tinymath_train held out as SFT validation (tinymath_test stays for evaluation)"}
     )
+    math_in_pretraining: bool = field(default=True, metadata={"help": "add the TinyMath training problems to train.bin as text (the stories hold no digits)"})
     force: bool = field(default=False, metadata={"help": "rebuild even when meta.json matches the tokenizer and inputs"})
     seed: int = field(default=0, metadata={"help": "seed of the example batch drawn at the end"})
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     meta, built = bins.build_bins(
         tokenizer, tokenizer_path, raw_dir(), out, num_workers=num_workers,
-        tinymath_val_fraction=cfg.tinymath_val_fraction, force=cfg.force,
+        tinymath_val_fraction=cfg.tinymath_val_fraction, force=cfg.force, math_in_pretraining=cfg.math_in_pretraining,
     )  # fmt: skip
     if not built:
         print("bins are up to date (same tokenizer fingerprint, same inputs, same settings); --force rebuilds them")
@@ -64,12 +65,15 @@ def main(argv: list[str] | None = None) -> None:
 def show(meta: dict, tokenizer, out: Path, seed: int) -> None:
     """Print what the bins hold, and one example of each kind, decoded."""
     # 1. pretraining: how many tokens, and how well the tokenizer compresses
-    print("pretraining bins (uint16, <bos> story <eos>):")
+    print("pretraining bins (uint16, <bos> document <eos>):")
     for split, counts in meta["pretrain"].items():
         text_bytes = meta["sources"][f"stories_{split}.txt"]["bytes"]
+        extra = counts.get("extra_documents", 0)
+        # per-story figures only mean something when the bin holds nothing but stories
+        ratios = (f"{counts['tokens'] / counts['stories']:>7.1f} tokens/story {text_bytes / counts['tokens']:>5.2f} bytes/token"
+                  if not extra else f"+ {extra:,} TinyMath problems as text")
         print(
-            f"  {split + '.bin':<10} {counts['stories']:>9,} stories {counts['tokens']:>12,} tokens "
-            f"{counts['tokens'] / counts['stories']:>7.1f} tokens/story {text_bytes / counts['tokens']:>5.2f} bytes/token "
+            f"  {split + '.bin':<10} {counts['stories']:>9,} stories {counts['tokens']:>12,} tokens {ratios} "
             f"{(out / f'{split}.bin').stat().st_size / 1e6:>7.1f} MB"
         )
     tokens = bins.load_pretrain_tokens("train", tokenizer, out)

@@ -195,8 +195,10 @@ def _encode_story_batch(tokenizer, stories: list[str]) -> np.ndarray:
     return np.asarray(ids, dtype=TOKEN_DTYPE)
 
 
-def write_pretrain_bin(text_path: Path, out_path: Path, tokenizer, num_workers: int = 1) -> dict:
-    """Encode every story of `text_path` into the flat uint16 file `out_path`; return the counts."""
+def write_pretrain_bin(text_path: Path, out_path: Path, tokenizer, num_workers: int = 1,
+                       extra_documents: Sequence[str] = ()) -> dict:
+    """Encode every story of `text_path` (then any `extra_documents`, each `<bos> doc <eos>` like a
+    story) into the flat uint16 file `out_path`; return the counts."""
     check_vocab_fits(tokenizer)
     counts = {"stories": 0, "tokens": 0}
 
@@ -211,6 +213,11 @@ def write_pretrain_bin(text_path: Path, out_path: Path, tokenizer, num_workers: 
         for ids in map_batches(_encode_story_batch, batches(), tokenizer, num_workers):
             out.write(ids.tobytes())
             counts["tokens"] += len(ids)
+        if extra_documents:
+            ids = _encode_story_batch(tokenizer, list(extra_documents))
+            out.write(ids.tobytes())
+            counts["tokens"] += len(ids)
+            counts["extra_documents"] = len(extra_documents)
     if counts["stories"] == 0:
         _tmp(out_path).unlink()
         raise ValueError(f"{text_path} holds no stories — re-run `make lesson-0`")
@@ -394,12 +401,14 @@ def build_bins(
     num_workers: int = 1,
     tinymath_val_fraction: float = 0.05,
     force: bool = False,
+    math_in_pretraining: bool = False,
 ) -> tuple[dict, bool]:
     """Write every bin of lesson 2 into `out` (data/bins/); return (meta, built). built is False
     when meta.json already matches this tokenizer, these inputs and these settings (nothing to do)."""
     out = Path(out) if out is not None else default_bins_dir()
     check_vocab_fits(tokenizer)
-    settings = {"format_version": FORMAT_VERSION, "tinymath_val_fraction": tinymath_val_fraction}
+    settings = {"format_version": FORMAT_VERSION, "tinymath_val_fraction": tinymath_val_fraction,
+                "math_in_pretraining": math_in_pretraining}
     sources = source_manifest(raw)
     fingerprint = tokenizer.fingerprint()
 
@@ -416,14 +425,18 @@ def build_bins(
     start = time.time()
     files: list[str] = []
 
-    # 1. pretraining
+    # 1. pretraining: the stories; optionally the TinyMath training problems too, as plain text.
+    # The built-in stories hold no digit at all, so without them the digit embeddings reach SFT
+    # untrained and the model cannot even copy a number from the question. Real pretraining
+    # corpora mix such text in for the same reason. val.bin stays stories only.
+    tinymath_train, tinymath_val = split_tinymath(read_jsonl(raw / "tinymath_train.jsonl"), tinymath_val_fraction)
     pretrain = {}
     for split in SPLITS["pretrain"]:
-        pretrain[split] = write_pretrain_bin(raw / f"stories_{split}.txt", out / f"{split}.bin", tokenizer, num_workers)
+        extra = [f"{p['question']}\n{p['answer']}" for p in tinymath_train] if math_in_pretraining and split == "train" else []
+        pretrain[split] = write_pretrain_bin(raw / f"stories_{split}.txt", out / f"{split}.bin", tokenizer, num_workers, extra)
         files.append(f"{split}.bin")
 
     # 2. SFT: instructions + TinyMath worked answers (train) / a held-out TinyMath slice (val)
-    tinymath_train, tinymath_val = split_tinymath(read_jsonl(raw / "tinymath_train.jsonl"), tinymath_val_fraction)
     sft = {}
     for split, tinymath in (("train", tinymath_train), ("val", tinymath_val)):
         instructions_path = raw / f"instructions_{split}.jsonl"

@@ -130,6 +130,20 @@ def test_pretrain_bins_round_trip(world):
         assert world.meta["pretrain"][split] == {"stories": len(stories), "tokens": len(tokens)}
 
 
+def test_math_in_pretraining_adds_the_tinymath_train_problems(world, tmp_path):
+    """With math_in_pretraining, train.bin is the stories followed by the TinyMath training problems
+    (question, newline, worked answer) — minus the slice held out for SFT validation; val.bin is unchanged."""
+    out = tmp_path / "bins"
+    meta, _ = bins.build_bins(world.tok, world.tokenizer_path, world.raw, out, num_workers=1, math_in_pretraining=True)
+    docs = [world.tok.decode(d) for d in split_documents(bins.load_pretrain_tokens("train", world.tok, out), world.tok)]
+    train_problems, _ = bins.split_tinymath(bins.read_jsonl(world.raw / "tinymath_train.jsonl"), 0.05)
+    n_stories = len(world.data["stories_train"])
+    assert docs[:n_stories] == world.data["stories_train"]
+    assert docs[n_stories:] == [f"{p['question']}\n{p['answer']}" for p in train_problems]
+    assert meta["pretrain"]["train"]["extra_documents"] == len(train_problems) > 0
+    assert (out / "val.bin").read_bytes() == (world.out / "val.bin").read_bytes()
+
+
 def test_story_chunks_and_workers_do_not_change_the_bins(world, tmp_path):
     path = world.raw / "stories_train.txt"
     for chunk_chars in (7, 13, 1000):  # tiny chunks cut stories and separators in the middle
