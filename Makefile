@@ -19,7 +19,7 @@ TOK  := data/tokenizer/tokenizer.json
 BINS := data/bins/meta.json
 BASE := runs/pretrain/default/checkpoints/ckpt_best.pth
 
-.PHONY: help setup all test bench clean $(addprefix lesson-,0 1 2 3 4 5 6 7 8 9 10 11 12 13 14) $(addprefix check-,0 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
+.PHONY: help setup all test bench clean $(addprefix lesson-,0 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -89,6 +89,7 @@ all: setup ## run every lesson that exists so far, in order, on the CPU preset
 test: setup ## run the whole test suite
 	$(PY) -m pytest -q
 
+# (not .PHONY: GNU make skips pattern rules for phony targets; no file is ever called check-N)
 check-%: setup ## one lesson's tests, e.g. make check-1 (tests/test_01_*.py)
 	@files=$$(ls tests/test_$$(printf %02d $*)_*.py 2>/dev/null); \
 	if [ -z "$$files" ]; then echo "no tests for lesson $* yet (tests/test_$$(printf %02d $*)_*.py)"; exit 1; fi; \

@@ -144,7 +144,7 @@ def attention_reference(
 class BlockwiseAttention(torch.autograd.Function):
     """The reference's training case (Tq == Tk, no padding), computed one block of queries at a time.
 
-    Same numbers as `attention_reference`, about 3-6x faster on a CPU, because
+    Same numbers as `attention_reference`, 2-8x faster on a CPU (more for longer sequences), because
       1. a block of queries only scores the keys it can see: keys after the block (causal) and
          before the window are never computed -- about half of the work for a global layer and
          most of it for a window layer;
