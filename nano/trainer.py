@@ -30,7 +30,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -218,6 +218,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, task: T
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "ckpt_last.pth", ckpt_dir / "ckpt_best.pth"
+    if cfg.micro_batch_size * d.world > cfg.batch_size:  # more processes: smaller slices, same global batch
+        cfg = replace(cfg, micro_batch_size=cfg.batch_size // d.world)
     if cfg.batch_size % (cfg.micro_batch_size * d.world):
         raise ValueError(f"batch_size {cfg.batch_size} must split evenly into {d.world} processes x "
                          f"micro_batch_size {cfg.micro_batch_size}")

@@ -168,7 +168,8 @@ def _ddp_worker(rank, world, port, run_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    trainer.train(toy_model(), cfg(micro_batch_size=4), run_dir, toy_task())
+    # micro_batch_size 8 does not fit 2 processes x 8 rows: the loop shrinks it to 4 per process
+    trainer.train(toy_model(), cfg(micro_batch_size=8), run_dir, toy_task())
 
 
 def test_two_processes_equal_one(tmp_path):
