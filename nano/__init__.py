@@ -13,7 +13,10 @@ nano: the whole life of a small Gemma-2-style language model, one concept per mo
     flash_attention.py  the fused Triton attention kernel (forward + backward)
     checkpoint.py       atomic checkpoints, load_model()
     trainer.py          the one training loop every lesson shares
+    plot.py             hand-written SVG line and bar charts
+    sft.py              supervised fine-tuning: what lessons 5, 6 and 7 share
     nf4.py / lora.py    4-bit NormalFloat quantization and low-rank adapters
+    loading.py          a ready model for inference: checkpoint + adapter + NF4
     generate.py         sampling with a KV cache
     evaluate.py         GSM8K / TinyMath grading
 """
