@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
             print_summary(manifest["files"], {}, raw)
             return manifest
     check_inputs(cfg)  # a typo in a path should not cost you the data that is already there
+    previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
     manifest_path.unlink(missing_ok=True)  # from here on data/raw is incomplete until we write it again
 
     # 2. steps finished by an earlier, interrupted run with the same arguments are kept
@@ -325,6 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             written = step(cfg, counts, raw)
         except (DownloadError, FileNotFoundError, ValueError) as e:  # bad input or no network: one clear line
+            if previous is not None and _files_intact(raw, previous["files"]):
+                _write_json(manifest_path, previous)  # nothing was overwritten: the earlier data stays usable
+                raise SystemExit(f"error: {e}\n(data/raw still holds the earlier, complete data)") from None
             raise SystemExit(f"error: {e}") from None
         seconds.update({file: time.time() - t0 for file in written})
         files.update(written)

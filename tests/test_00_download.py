@@ -259,3 +259,16 @@ def test_lesson_offline_says_what_to_do(nano_dirs, monkeypatch):
     assert time.time() - start < 10
     assert "offline" in str(error.value) and "--source synthetic" in str(error.value)
     assert not (nano_dirs / "data" / "raw" / "manifest.json").exists()
+
+
+def test_failed_download_keeps_the_earlier_data(nano_dirs, monkeypatch):
+    """Switching to TinyStories while offline must not cost the built-in data already there."""
+    lesson = load_lesson()
+    lesson.main(SMALL)
+    manifest = nano_dirs / "data" / "raw" / "manifest.json"
+    before = manifest.read_text()
+    monkeypatch.setenv("NANO_TINYSTORIES_URL", f"http://127.0.0.1:{unused_port()}")
+    with pytest.raises(SystemExit) as error:
+        lesson.main(SMALL + ["--source", "tinystories"])
+    assert "earlier, complete data" in str(error.value)
+    assert manifest.read_text() == before
