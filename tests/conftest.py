@@ -23,17 +23,22 @@ def nano_dirs(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run_lesson(name: str, *argv: str):
-    """Run lessons/<name>.py's main() in this process with `argv` as its command line."""
+def load_lesson(name: str):
+    """Import lessons/<name>.py (file names start with a digit, so `import` cannot) as a module."""
     import importlib.util
 
-    path = ROOT / "lessons" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"lesson_{name}", path)
+    spec = importlib.util.spec_from_file_location(f"lesson_{name}", ROOT / "lessons" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
+    return module
+
+
+def run_lesson(name: str, *argv: str):
+    """Run lessons/<name>.py's main() in this process with `argv` as its command line."""
+    module = load_lesson(name)
     old_argv = sys.argv
-    sys.argv = [str(path), *argv]
+    sys.argv = [module.__file__, *argv]
     try:
         return module.main()
     finally:

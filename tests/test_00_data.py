@@ -17,7 +17,6 @@ local stories file and a local GSM8K copy.
 Run: make check-0   (or .venv/bin/python -m pytest -q tests/test_00_data.py)
 """
 
-import importlib.util
 import json
 import sys
 from collections import Counter
@@ -25,7 +24,7 @@ from collections import Counter
 import pytest
 
 from adapters import impl
-from conftest import ROOT
+from conftest import load_lesson
 
 synthetic = impl("synthetic")
 
@@ -38,12 +37,6 @@ CONTRACT_FILES = ["stories_train.txt", "stories_val.txt", "instructions_train.js
                   "rl_prompts_train.jsonl", "rl_prompts_test.jsonl", "manifest.json"]
 
 
-def load_lesson():
-    spec = importlib.util.spec_from_file_location("lesson_00_data", ROOT / "lessons" / "00_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_jsonl(path):
@@ -246,7 +239,7 @@ def test_preference_math_prompts_avoid_the_test_set():
 
 
 def test_lesson_writes_the_contract(nano_dirs, capsys):
-    lesson = load_lesson()
+    lesson = load_lesson("00_data")
     manifest = lesson.main(SMALL)
     raw = nano_dirs / "data" / "raw"
     for name in CONTRACT_FILES:
@@ -293,7 +286,7 @@ def test_lesson_writes_the_contract(nano_dirs, capsys):
 
 
 def test_lesson_rerun_skips_and_new_arguments_regenerate(nano_dirs, capsys):
-    lesson = load_lesson()
+    lesson = load_lesson("00_data")
     raw = nano_dirs / "data" / "raw"
     lesson.main(SMALL)
     before = {n: (raw / n).stat().st_mtime_ns for n in CONTRACT_FILES}
@@ -309,7 +302,7 @@ def test_lesson_rerun_skips_and_new_arguments_regenerate(nano_dirs, capsys):
 
 
 def test_interrupted_run_has_no_manifest_and_resumes(nano_dirs, capsys):
-    lesson = load_lesson()
+    lesson = load_lesson("00_data")
     raw = nano_dirs / "data" / "raw"
 
     def crash(*args):
@@ -332,7 +325,7 @@ def test_interrupted_run_has_no_manifest_and_resumes(nano_dirs, capsys):
 
 
 def test_lesson_reads_a_local_story_file_and_gsm8k(nano_dirs, tmp_path):
-    lesson = load_lesson()
+    lesson = load_lesson("00_data")
     raw = nano_dirs / "data" / "raw"
     stories = [f"Story {i}. Once upon a time there was a cat number {i}." for i in range(30)]
     source = tmp_path / "mine.txt"
@@ -358,7 +351,7 @@ def test_lesson_reads_a_local_story_file_and_gsm8k(nano_dirs, tmp_path):
 
 
 def test_lesson_rejects_bad_arguments():
-    lesson = load_lesson()
+    lesson = load_lesson("00_data")
     from nano.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="rl_test"):

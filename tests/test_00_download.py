@@ -17,17 +17,15 @@ Run: make check-0   (or .venv/bin/python -m pytest -q tests/test_00_download.py)
 """
 
 import http.server
-import importlib.util
 import json
 import socket
-import sys
 import threading
 import time
 
 import pytest
 
 from adapters import impl
-from conftest import ROOT
+from conftest import load_lesson
 
 download_module = impl("download")
 download = download_module.download
@@ -216,12 +214,6 @@ def test_urls_and_env_overrides(monkeypatch):
 # --- lesson 0 with a downloaded source ----------------------------------------------------------
 
 
-def load_lesson():
-    spec = importlib.util.spec_from_file_location("lesson_00_data_dl", ROOT / "lessons" / "00_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 SMALL = ["--conversations", "10", "--val_conversations", "4", "--tinymath_train", "20", "--tinymath_test", "10",
@@ -238,7 +230,7 @@ def test_lesson_with_tinystories_and_gsm8k_from_a_local_server(server, nano_dirs
     monkeypatch.setenv("NANO_TINYSTORIES_URL", f"{server.url}/ok")
     monkeypatch.setenv("NANO_GSM8K_URL", f"{server.url}/ok")
 
-    lesson = load_lesson()
+    lesson = load_lesson("00_data")
     lesson.main(SMALL + ["--source", "tinystories", "--val_stories", "4", "--data_limit_mb", "0.004", "--gsm8k", "download"])
     raw = nano_dirs / "data" / "raw"
     synthetic = impl("synthetic")
@@ -252,7 +244,7 @@ def test_lesson_with_tinystories_and_gsm8k_from_a_local_server(server, nano_dirs
 
 def test_lesson_offline_says_what_to_do(nano_dirs, monkeypatch):
     monkeypatch.setenv("NANO_TINYSTORIES_URL", f"http://127.0.0.1:{unused_port()}")
-    lesson = load_lesson()
+    lesson = load_lesson("00_data")
     start = time.time()
     with pytest.raises(SystemExit) as error:
         lesson.main(SMALL + ["--source", "tinystories"])
@@ -263,7 +255,7 @@ def test_lesson_offline_says_what_to_do(nano_dirs, monkeypatch):
 
 def test_failed_download_keeps_the_earlier_data(nano_dirs, monkeypatch):
     """Switching to TinyStories while offline must not cost the built-in data already there."""
-    lesson = load_lesson()
+    lesson = load_lesson("00_data")
     lesson.main(SMALL)
     manifest = nano_dirs / "data" / "raw" / "manifest.json"
     before = manifest.read_text()

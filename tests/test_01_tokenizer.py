@@ -17,7 +17,6 @@ Rebuild the tokenizer and let these tests judge it (NANO_IMPL_TOKENIZER=my_token
 
 import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import regex
@@ -363,13 +362,10 @@ def test_corrupt_file_is_an_error(tok, tmp_path):
 
 def test_lesson_script_trains_saves_and_skips(nano_dirs, capsys):
     """lessons/01_tokenizer.py: clear error without data; trains and saves; a rerun skips training."""
-    import importlib.util
-
+    from conftest import load_lesson
     from nano.paths import raw_dir, tokenizer_dir
 
-    spec = importlib.util.spec_from_file_location("lesson01", Path(__file__).parent.parent / "lessons" / "01_tokenizer.py")
-    lesson = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lesson)
+    lesson = load_lesson("01_tokenizer")
     with pytest.raises(FileNotFoundError, match="lesson-0"):
         lesson.main(["--vocab_size", "300"])
     raw_dir().mkdir(parents=True)

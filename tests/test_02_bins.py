@@ -19,7 +19,6 @@ Implement the bins so that:
 Run: `make check-2`. Judge your own: NANO_IMPL_BINS=my_bins.py make check-2.
 """
 
-import importlib.util
 import json
 import types
 
@@ -28,7 +27,7 @@ import pytest
 import torch
 
 from adapters import impl
-from conftest import ROOT
+from conftest import load_lesson
 
 bins = impl("bins")
 chat = impl("chat_format")
@@ -301,9 +300,7 @@ def test_rerun_skips_unless_something_changed(world):
 
 
 def test_lesson_runs_end_to_end(world, capsys):
-    spec = importlib.util.spec_from_file_location("lesson_02_bins", ROOT / "lessons" / "02_bins.py")
-    lesson = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lesson)
+    lesson = load_lesson("02_bins")
     lesson.main(["--num_workers", "2", "--force"])
     out = capsys.readouterr().out
     meta = json.loads((world.out / "meta.json").read_text())

@@ -14,65 +14,29 @@ The models are toys (width 32, 2 layers, random weights): they score ~0, and tha
 checks that the numbers in the table are the ones the evaluation functions compute.
 """
 
-import copy
-import importlib.util
 import json
-from dataclasses import asdict
 
 import numpy as np
 import pytest
-import torch
 
 from adapters import impl
+from conftest import load_lesson
+from toy_models import BASE, CORPUS, LORA, SFT, save_lora, save_model, toy_model
 
 evaluate = impl("evaluate")
-model_mod = impl("model")
 
-from nano.checkpoint import load_model, save_checkpoint  # noqa: E402
-from nano.lora import inject_lora, save_adapter, state_fingerprint  # noqa: E402
+from nano.checkpoint import load_model  # noqa: E402
 from nano.paths import bins_dir, raw_dir, runs_dir, tokenizer_dir  # noqa: E402
 from nano.tokenizer import Tokenizer  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("evaluate_lesson", impl("paths").LESSONS_DIR / "12_evaluate.py")
-lesson = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lesson)
+lesson = load_lesson("12_evaluate")
 
-CORPUS = ("Once upon a time there was a little cat. The cat liked to play with a red ball.\n"
-          "Question: Tom has 3 apples and gets 4 more. How many apples?\nAnswer: 3 + 4 = 7\n#### 7\n") * 5
-BASE = "pretrain/default/checkpoints/ckpt_best.pth"
-SFT = "sft/full/default/checkpoints/ckpt_best.pth"
-LORA = "sft/peft/lora/default/adapter.pth"
-# small and fast: 3 problems, short answers, one validation batch of two windows
 FAST = ["--limit", "3", "--max_new_tokens", "6", "--num_fewshot", "1", "--val_batches", "1", "--val_batch_size", "2"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.train(CORPUS, vocab_size=300, progress=False)
-
-
-def toy_model(tokenizer, seed: int):
-    torch.manual_seed(seed)
-    cfg = model_mod.model_config("tiny", vocab_size=tokenizer.vocab_size, context_len=96, d_model=32, n_layers=2,
-                                 n_heads=2, head_dim=16, d_ff=64, sliding_window=16, query_pre_attn_scalar=16.0,
-                                 attn_impl="eager")
-    return model_mod.GemmaNano(cfg).eval()
-
-
-def save_model(model, tokenizer, path: str) -> None:
-    save_checkpoint(runs_dir() / path, {"model": model.state_dict(), "model_config": asdict(model.cfg),
-                                        "tokenizer_fingerprint": tokenizer.fingerprint(), "step": 3, "train_config": {}})
-
-
-def save_lora(base, path: str) -> None:
-    adapted = copy.deepcopy(base)
-    inject_lora(adapted, r=2, alpha=4.0)
-    torch.manual_seed(2)
-    for name, p in adapted.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.3)  # B = 0 would leave the base unchanged
-    save_adapter(adapted, runs_dir() / path,
-                 {"model_config": asdict(base.cfg), "checkpoint": state_fingerprint(base.state_dict())})
 
 
 def write_jsonl(path, rows):

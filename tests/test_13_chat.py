@@ -17,72 +17,26 @@ Its text is nonsense; what is checked is that the right model, cache and tokens 
 """
 
 import copy
-import importlib.util
-from dataclasses import asdict
 
 import pytest
 import torch
 
 from adapters import impl
+from conftest import load_lesson
+from toy_models import BASE, CORPUS, LORA, SFT, save_lora, save_model, toy_model
 
 loading = impl("loading")
-model_mod = impl("model")
 generate_mod = impl("generate")
 chat_format = impl("chat_format")
 
-from nano.checkpoint import save_checkpoint  # noqa: E402
-from nano.lora import inject_lora, save_adapter, state_fingerprint  # noqa: E402
 from nano.paths import runs_dir, tokenizer_dir  # noqa: E402
 from nano.tokenizer import Tokenizer  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("chat_lesson", impl("paths").LESSONS_DIR / "13_chat.py")
-chat = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(chat)
-
-CORPUS = ("Once upon a time there was a little cat. The cat liked to play with a red ball.\n"
-          "Question: Tom has 3 apples and gets 4 more. How many apples?\nAnswer: 3 + 4 = 7\n#### 7\n") * 5
-BASE = "pretrain/default/checkpoints/ckpt_best.pth"
-SFT = "sft/full/default/checkpoints/ckpt_best.pth"
-LORA = "sft/peft/lora/default/adapter.pth"
-
+chat = load_lesson("13_chat")
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.train(CORPUS, vocab_size=300, progress=False)
-
-
-def toy_model(tokenizer, seed: int, context_len: int = 96):
-    torch.manual_seed(seed)
-    cfg = model_mod.model_config("tiny", vocab_size=tokenizer.vocab_size, context_len=context_len, d_model=32,
-                                 n_layers=2, n_heads=2, head_dim=16, d_ff=64, sliding_window=16,
-                                 query_pre_attn_scalar=16.0, attn_impl="eager")
-    return model_mod.GemmaNano(cfg).eval()
-
-
-def save_model(model, tokenizer, path: str) -> dict:
-    """A checkpoint with the keys load_model reads; returns it."""
-    ckpt = {"model": model.state_dict(), "model_config": asdict(model.cfg),
-            "tokenizer_fingerprint": tokenizer.fingerprint(), "step": 7, "train_config": {}}
-    save_checkpoint(runs_dir() / path, ckpt)
-    return ckpt
-
-
-def save_lora(base, path: str, quantize: bool = False, seed: int = 2) -> torch.nn.Module:
-    """An adapter (B randomised, so it changes the outputs) made for `base`, saved with base's identity."""
-    from nano.nf4 import quantize_model
-
-    identity = {"model_config": asdict(base.cfg), "checkpoint": state_fingerprint(base.state_dict())}
-    adapted = copy.deepcopy(base)
-    if quantize:
-        quantize_model(adapted, double_quant=True)
-        identity["quantization"] = "nf4, block 64, double_quant True"
-    inject_lora(adapted, r=2, alpha=4.0)
-    torch.manual_seed(seed)
-    for name, p in adapted.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.3)
-    save_adapter(adapted, runs_dir() / path, identity)
-    return adapted.eval()
 
 
 @pytest.fixture
