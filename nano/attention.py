@@ -170,10 +170,10 @@ class BlockwiseAttention(torch.autograd.Function):
         group = num_q_heads // num_kv_heads
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores, as in the reference
             fp = _score_dtype(q.dtype)
-            q_grouped = q.reshape(batch, num_kv_heads, group, seq_len, head_dim)  # (B, Hkv, G, T, D)
-            out = torch.empty(batch, num_kv_heads, group, seq_len, head_dim, device=q.device, dtype=fp)
-            # fold scale (and 1/c) into q: a pass over (block, D) instead of one over (block, keys)
+            # fold scale (and 1/c) into q, once: a pass over (T, D) instead of one over (T, keys)
             q_scale = scale / softcap if softcap > 0 else scale
+            q_grouped = (q.to(fp) * q_scale).reshape(batch, num_kv_heads, group, seq_len, head_dim)  # (B, Hkv, G, T, D)
+            out = torch.empty(batch, num_kv_heads, group, seq_len, head_dim, device=q.device, dtype=fp)
             positions = torch.arange(seq_len, device=q.device)
             spans, probs, tanh_grads = [], [], []
             for q_start in range(0, seq_len, block):
@@ -184,11 +184,12 @@ class BlockwiseAttention(torch.autograd.Function):
                 k_start = max(0, q_start - window + 1) if window > 0 else 0
                 q_block = q_grouped[:, :, :, q_start:q_end].reshape(batch, num_kv_heads, group * rows, head_dim)
                 k_block = k[:, :, k_start:q_end].to(fp)  # (B, Hkv, keys, D)
-                scores = (q_block.to(fp) * q_scale) @ k_block.transpose(-1, -2)  # (B, Hkv, G*rows, keys)
+                scores = q_block @ k_block.transpose(-1, -2)  # (B, Hkv, G*rows, keys): s' = q k^T scale / c
                 if softcap > 0:
-                    t = scores.tanh_()  # in place: t = tanh(s / c)
-                    tanh_grads.append(1.0 - t * t)  # d tanh / ds', for the backward pass
-                    scores = t * softcap
+                    t = scores.tanh_()  # in place: t = tanh(s')
+                    # what the backward pass multiplies by: d(c t)/ds' = c (1 - t^2), times ds'/d(q k^T) = q_scale
+                    tanh_grads.append(t.square().mul_(-softcap * q_scale).add_(softcap * q_scale))
+                    scores = t.mul_(softcap)  # in place again: the capped scores c t
                 distance = positions[q_start:q_end, None] - positions[None, k_start:q_end]  # (rows, keys)
                 not_visible = distance < 0  # after the query (causal) ...
                 if window > 0:
@@ -227,8 +228,9 @@ class BlockwiseAttention(torch.autograd.Function):
             delta_block = delta[:, :, :, q_start:q_end].reshape(batch, num_kv_heads, group * rows, 1)
             ds = dp.sub_(delta_block).mul_(p)  # dScores, in place
             if ctx.softcap > 0:
-                ds.mul_(ctx.tanh_grads[i]).mul_(ctx.softcap)  # through c * tanh(s')
-            ds.mul_(ctx.q_scale)  # through s' = q k^T * q_scale
+                ds.mul_(ctx.tanh_grads[i])  # through c tanh(s') and s' = q k^T q_scale, in one step
+            else:
+                ds.mul_(ctx.q_scale)  # through s = q k^T scale
             dq[:, :, :, q_start:q_end] = (ds @ k32[:, :, k_start:q_end]).view(batch, num_kv_heads, group, rows, head_dim)
             q_block = q_grouped[:, :, :, q_start:q_end].reshape(batch, num_kv_heads, group * rows, head_dim).to(fp)
             dk[:, :, k_start:q_end] += ds.transpose(-1, -2) @ q_block  # (B, Hkv, keys, D)
