@@ -12,6 +12,7 @@ the scores and the softmax -- so it runs nano.attention's blockwise path instead
     .venv/bin/python bench/bench_model.py                 # tiny and nano, eager (~1-2 minutes)
     .venv/bin/python bench/bench_model.py --compile       # adds torch.compile for both (slow to compile)
     .venv/bin/python bench/bench_model.py --models tiny --steps 10
+    .venv/bin/python bench/bench_model.py --models tiny --breakdown   # where a step's time goes, piece by piece
 """
 
 import argparse
@@ -25,7 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
-from nano.model import GemmaNano, model_config  # noqa: E402
+from nano.attention import attention  # noqa: E402
+from nano.model import (DecoderLayer, GemmaNano, apply_rope, model_config, rope_cos_sin,  # noqa: E402
+                        softcapped_cross_entropy)
 
 # batch per step for each preset: about 2k tokens, enough to keep the matmuls efficient
 BATCH = {"tiny": 8, "nano": 4}
@@ -118,6 +121,66 @@ def time_pair(steps: dict, num_steps: int, warmup: int) -> dict[str, list[float]
     return times
 
 
+def breakdown(preset: str, repeats: int) -> None:
+    """Forward + backward time of each piece of one layer (and of the head), Gemma against GPT.
+
+    The pieces run alone on the preset's activation shapes, alternating, `repeats` times (median).
+    "per step" multiplies by how often a training step runs the piece (n_layers, or once).
+    """
+    cfg = model_config(preset, attn_impl="eager")
+    batch, seq, d = BATCH.get(preset, 4), cfg.context_len, cfg.d_model
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, requires_grad=True)
+
+    x, heads, hd = rand(batch, seq, d), cfg.n_heads, cfg.head_dim
+    q, k, v = rand(batch, heads, seq, hd), rand(batch, cfg.n_kv_heads, seq, hd), rand(batch, cfg.n_kv_heads, seq, hd)
+    q_mha, k_mha, v_mha = (rand(batch, heads, seq, d // heads) for _ in range(3))
+    cos, sin = rope_cos_sin(torch.arange(seq), hd, cfg.rope_theta)
+    gemma_layers = [DecoderLayer(cfg, 0), DecoderLayer(cfg, 1)]  # a window layer and a global one
+    gpt_block = GPTBlock(d, heads)
+    hidden, targets = rand(batch * seq, d), torch.randint(0, cfg.vocab_size, (batch * seq,), generator=gen)
+    embedding = rand(cfg.vocab_size, d)
+    L = cfg.n_layers
+    # (piece, runs per step, Gemma's version, GPT's version); each returns a tensor to backprop through
+    pieces = [
+        ("norms: 4 RMSNorm | 2 LayerNorm", L,
+         lambda: sum(n(x) for n in (gemma_layers[0].input_layernorm, gemma_layers[0].post_attention_layernorm,
+                                    gemma_layers[0].pre_feedforward_layernorm, gemma_layers[0].post_feedforward_layernorm)),
+         lambda: gpt_block.ln_1(x) + gpt_block.ln_2(x)),
+        ("RoPE on q and k | none", L, lambda: apply_rope(q, cos, sin).sum() + apply_rope(k, cos, sin).sum(), None),
+        ("attention core, window layer | causal SDPA", (L + 1) // 2,
+         lambda: attention(q, k, v, gemma_layers[0].self_attn.scale, cfg.attn_softcap, cfg.sliding_window),
+         lambda: F.scaled_dot_product_attention(q_mha, k_mha, v_mha, is_causal=True)),
+        ("attention core, global layer | causal SDPA", L // 2,
+         lambda: attention(q, k, v, gemma_layers[1].self_attn.scale, cfg.attn_softcap, 0),
+         lambda: F.scaled_dot_product_attention(q_mha, k_mha, v_mha, is_causal=True)),
+        ("MLP: GeGLU | GELU 4d", L, lambda: gemma_layers[0].mlp(x),
+         lambda: gpt_block.fc_out(F.gelu(gpt_block.fc(x)))),
+        ("whole window layer | GPT block", (L + 1) // 2, lambda: gemma_layers[0](x, cos, sin), lambda: gpt_block(x)),
+        ("whole global layer | GPT block", L // 2, lambda: gemma_layers[1](x, cos, sin), lambda: gpt_block(x)),
+        ("LM head + loss: soft-capped | plain", 1,
+         lambda: softcapped_cross_entropy(hidden @ embedding.T, targets, cfg.final_softcap)[1],
+         lambda: F.cross_entropy(hidden @ embedding.T, targets)),
+    ]
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(repeats):
+        for name, _, gemma_fn, gpt_fn in pieces:
+            for side, fn in (("gemma", gemma_fn), ("gpt", gpt_fn)):
+                if fn is None:
+                    continue
+                t0 = time.perf_counter()
+                fn().sum().backward()
+                times.setdefault((name, side), []).append(time.perf_counter() - t0)
+    print(f"\n{preset}: forward + backward of each piece, {batch} x {seq} tokens, median of {repeats} (ms)")
+    print(f"{'piece (gemma | gpt)':<46} {'gemma':>7} {'gpt':>7} {'x/step':>6} {'gemma - gpt per step':>21}")
+    for name, count, _, _ in pieces:
+        ms = {side: 1e3 * statistics.median(times[(name, side)]) if (name, side) in times else 0.0
+              for side in ("gemma", "gpt")}
+        print(f"{name:<46} {ms['gemma']:>7.2f} {ms['gpt']:>7.2f} {count:>6} {count * (ms['gemma'] - ms['gpt']):>+20.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,nano", help="presets to compare, comma-separated")
@@ -125,10 +188,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--breakdown", action="store_true", help="also time each piece of a layer alone")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU")
+    if args.breakdown:
+        for preset in args.models.split(","):
+            breakdown(preset, repeats=max(args.steps, 5))
 
     rows = []
     for preset in args.models.split(","):
