@@ -43,7 +43,7 @@ class DataConfig:
     val_stories: int = field(default=500, metadata={"help": "validation stories (tinystories / a path: the first N stories of the valid file)"})
     conversations: int = field(default=4000, metadata={"help": "instruction conversations for SFT (train)"})
     val_conversations: int = field(default=200, metadata={"help": "instruction conversations held out for validation"})
-    tinymath_train: int = field(default=4000, metadata={"help": "TinyMath word problems for training"})
+    tinymath_train: int = field(default=20_000, metadata={"help": "TinyMath word problems for training (SFT, and as text in pretraining)"})
     tinymath_test: int = field(default=500, metadata={"help": "TinyMath problems held out for evaluation (no question shared with train)"})
     preferences: int = field(default=2000, metadata={"help": "preference pairs (chosen vs flawed) for the reward model / DPO"})
     val_preferences: int = field(default=200, metadata={"help": "preference pairs held out for validation"})

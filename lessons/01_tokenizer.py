@@ -3,12 +3,14 @@ Lesson 1: train a byte-level BPE tokenizer on the stories of lesson 0, then look
 
     python lessons/01_tokenizer.py                        # or: make lesson-1 (vocab 4096, first 100 MB)
     python lessons/01_tokenizer.py --vocab_size 1024      # a smaller vocabulary
-    python lessons/01_tokenizer.py --pattern gpt2         # GPT-2's pre-tokenizer instead of ours
+    python lessons/01_tokenizer.py --pattern nano         # every digit its own token (see the doc)
+    python lessons/01_tokenizer.py --with_sft_text false  # learn merges from the stories only
     python lessons/01_tokenizer.py --force                # retrain even if nothing changed
 
-Reads data/raw/stories_train.txt (at most --data_limit_mb of it) and stories_val.txt; writes
-data/tokenizer/tokenizer.json (the tokenizer, readable JSON) and train_meta.json (what it was
-trained on, so an unchanged rerun is skipped). Then it prints the first merges, the longest
+Reads data/raw/stories_train.txt (at most --data_limit_mb of it), stories_val.txt and, with
+--with_sft_text, the instruction conversations and TinyMath problems; writes
+data/tokenizer/tokenizer.json (the tokenizer, readable JSON), sft_text.txt (that extra text) and
+train_meta.json (what it was trained on, so an unchanged rerun is skipped). Then it prints the first merges, the longest
 tokens, the bytes per token on the validation stories and a sample sentence cut into tokens.
 The doc is lessons/01_tokenizer.md; the tests are tests/test_01_tokenizer.py (make check-1).
 """
@@ -20,6 +22,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nano.bins import read_jsonl
 from nano.config import config_to_dict, parse_config, print_config
 from nano.paths import raw_dir, require, tokenizer_dir
 from nano.tokenizer import PATTERNS, SPECIAL_TOKENS, Tokenizer
@@ -31,7 +34,8 @@ MB = 1_000_000
 class TokenizerConfig:
     vocab_size: int = field(default=4096, metadata={"help": "tokens in all: 6 special + 256 bytes + merges (4096 fits the models' embedding)"})
     data_limit_mb: float = field(default=100, metadata={"help": "train on at most the first N MB of stories_train.txt (0 = all)"})
-    pattern: str = field(default="nano", metadata={"help": "pre-tokenizer regex preset", "choices": list(PATTERNS)})
+    pattern: str = field(default="gpt2", metadata={"help": "pre-tokenizer regex preset (gpt2: ' 17' can become one token)", "choices": list(PATTERNS)})
+    with_sft_text: bool = field(default=True, metadata={"help": "learn merges from the instruction and TinyMath text too, not only the stories"})
     num_workers: int = field(default=0, metadata={"help": "processes counting pre-tokens (0 = one per CPU core; the result is the same)"})
     sample: str = field(
         default="Once upon a time, Lily found 12 shiny stones. She said, \"I'll keep them!\"<|endoftext|>",
@@ -52,6 +56,26 @@ def input_signature(path: Path, max_bytes: int | None) -> dict:
     """What identifies the training input cheaply: its path, size and modification time."""
     stat = path.stat()
     return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "max_bytes": max_bytes}
+
+
+def write_sft_text(raw: Path, out_path: Path) -> Path:
+    """The text of the SFT data (instruction messages, TinyMath questions and worked answers) as one file.
+
+    Why: the stories hold no digit and no "How many ... ?", so a tokenizer trained on them alone
+    spends no merge on " 17" or " apples": every number in the math lessons would be cut into
+    bytes. Later lessons train on this text, so the tokenizer should know it too.
+    """
+    documents = []
+    for row in read_jsonl(require(raw / "instructions_train.jsonl", "instruction conversations", 0)):
+        documents += [message["content"] for message in row["messages"]]
+    for problem in read_jsonl(require(raw / "tinymath_train.jsonl", "TinyMath problems", 0)):
+        documents.append(f"{problem['question']}\n{problem['answer']}")
+    text = "\n\n".join(documents) + "\n"
+    if not out_path.exists() or out_path.read_text(encoding="utf-8") != text:  # unchanged: keep its mtime, so a rerun skips
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out_path)
+    return out_path
 
 
 def show_token(token: bytes) -> str:
@@ -103,10 +127,16 @@ def main(argv: list[str] | None = None) -> None:
     num_workers = cfg.num_workers or os.cpu_count() or 1
     print(f"reading  {train_path} ({train_path.stat().st_size / MB:.1f} MB; using at most {cfg.data_limit_mb or 'all'} MB)")
     print(f"writing  {out_path}")
+    inputs = [train_path]
+    if cfg.with_sft_text:  # first, so that --data_limit_mb cuts the stories, never this text
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sft_path = write_sft_text(raw_dir(), out_dir / "sft_text.txt")
+        inputs.insert(0, sft_path)
+        print(f"also     {sft_path} ({sft_path.stat().st_size / MB:.1f} MB: instruction and TinyMath text)")
 
     # 1. skip the work when the same config was already trained on the same input
-    wanted = {"config": {k: v for k, v in config_to_dict(cfg).items() if k in ("vocab_size", "data_limit_mb", "pattern")},
-              "input": input_signature(train_path, max_bytes)}
+    wanted = {"config": {k: v for k, v in config_to_dict(cfg).items() if k in ("vocab_size", "data_limit_mb", "pattern", "with_sft_text")},
+              "input": [input_signature(path, max_bytes) for path in inputs]}
     start = time.time()
     previous = json.loads(meta_path.read_text()) if meta_path.exists() else None
     if not cfg.force and out_path.exists() and previous and {k: previous.get(k) for k in wanted} == wanted:
@@ -118,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\ntraining with {num_workers} worker process(es) ...")
         with warnings.catch_warnings():  # "ran out of pairs" is explained below, in a note of our own
             warnings.filterwarnings("ignore", message="the corpus ran out")
-            tok = Tokenizer.train(train_path, cfg.vocab_size, SPECIAL_TOKENS, cfg.pattern, num_workers=num_workers, max_bytes=max_bytes)
+            tok = Tokenizer.train(inputs, cfg.vocab_size, SPECIAL_TOKENS, cfg.pattern, num_workers=num_workers, max_bytes=max_bytes)
         seconds = time.time() - start
         tok.save(out_path)
         meta = dict(wanted, seconds=round(seconds, 2), fingerprint=tok.fingerprint(), vocab_size=tok.vocab_size)

@@ -34,6 +34,7 @@ class BinsConfig:
         default=0.05, metadata={"help": "share of tinymath_train held out as SFT validation (tinymath_test stays for evaluation)"}
     )
     math_in_pretraining: bool = field(default=True, metadata={"help": "add the TinyMath training problems to train.bin as text (the stories hold no digits)"})
+    arithmetic_repeats: int = field(default=6, metadata={"help": "times each sum/difference/product of TinyMath's range is drilled in train.bin (0 = none)"})
     force: bool = field(default=False, metadata={"help": "rebuild even when meta.json matches the tokenizer and inputs"})
     seed: int = field(default=0, metadata={"help": "seed of the example batch drawn at the end"})
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     meta, built = bins.build_bins(
         tokenizer, tokenizer_path, raw_dir(), out, num_workers=num_workers,
-        tinymath_val_fraction=cfg.tinymath_val_fraction, force=cfg.force, math_in_pretraining=cfg.math_in_pretraining,
+        tinymath_val_fraction=cfg.tinymath_val_fraction, force=cfg.force,
+        math_in_pretraining=cfg.math_in_pretraining, arithmetic_repeats=cfg.arithmetic_repeats,
     )  # fmt: skip
     if not built:
         print("bins are up to date (same tokenizer fingerprint, same inputs, same settings); --force rebuilds them")
@@ -71,7 +73,7 @@ def show(meta: dict, tokenizer, out: Path, seed: int) -> None:
         extra = counts.get("extra_documents", 0)
         # per-story figures only mean something when the bin holds nothing but stories
         ratios = (f"{counts['tokens'] / counts['stories']:>7.1f} tokens/story {text_bytes / counts['tokens']:>5.2f} bytes/token"
-                  if not extra else f"+ {extra:,} TinyMath problems as text")
+                  if not extra else f"+ {extra:,} documents of TinyMath problems and arithmetic drills")
         print(
             f"  {split + '.bin':<10} {counts['stories']:>9,} stories {counts['tokens']:>12,} tokens {ratios} "
             f"{(out / f'{split}.bin').stat().st_size / 1e6:>7.1f} MB"

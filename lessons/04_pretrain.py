@@ -36,7 +36,7 @@ class PretrainConfig(TrainConfig):
     attn_impl: str = field(default="auto", metadata={"help": "attention: eager reference, fused Triton kernel, or auto",
                                                      "choices": ["auto", "eager", "triton"]})
     # the shared loop's defaults, fitted to the tiny preset on 2 CPU cores (a few minutes)
-    steps: int = field(default=300, metadata={"help": "optimizer steps in the whole run"})
+    steps: int = field(default=400, metadata={"help": "optimizer steps in the whole run"})
     batch_size: int = field(default=16, metadata={"help": "windows per optimizer step"})
     micro_batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (small models like it high)"})

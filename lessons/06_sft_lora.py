@@ -26,7 +26,7 @@ class LoRASFTConfig(SFTConfig):
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter's input"})
     rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(r) (rank-stabilised LoRA)"})
     targets: str = field(default=",".join(DEFAULT_TARGETS), metadata={"help": "layer names to adapt (suffixes, or re:<regex>)"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (adapters start at zero: a high rate is fine)"})
+    lr: float = field(default=1e-2, metadata={"help": "peak learning rate (adapters start at zero: a high rate is fine)"})
 
 
 def main() -> None:

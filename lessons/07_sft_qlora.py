@@ -33,7 +33,7 @@ class QLoRASFTConfig(SFTConfig):
     targets: str = field(default=",".join(DEFAULT_TARGETS), metadata={"help": "layers to quantize and adapt"})
     blocksize: int = field(default=64, metadata={"help": "weights per absmax scale"})
     double_quant: bool = field(default=True, metadata={"help": "quantize the absmax scales to 8 bits too"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    lr: float = field(default=1e-2, metadata={"help": "peak learning rate (adapters start at zero: a high rate is fine)"})
 
 
 def projection_bytes(model: torch.nn.Module, targets: tuple[str, ...]) -> tuple[int, int]:

@@ -225,6 +225,24 @@ def write_pretrain_bin(text_path: Path, out_path: Path, tokenizer, num_workers: 
     return counts
 
 
+def arithmetic_drills(repeats: int, seed: int = 0, lines_per_document: int = 20) -> list[str]:
+    """Every sum, difference and product a TinyMath solution can write, as drill documents.
+
+    The facts: a + b for a <= 60, b <= 20; a - b for 0 < b < a <= 60; a * b for 2..6 times 2..10
+    (about 3,000 lines such as "17 + 5 = 22"). Each fact appears `repeats` times, shuffled, cut into
+    documents of `lines_per_document` lines. Why: in the word problems each fact shows up a handful
+    of times, too rarely for a tiny model to learn it in a few hundred steps; a times table in the
+    pretraining mix is the cheapest way to teach it (children drill it too). None of this text is a
+    TinyMath question, so the held-out test stays unseen.
+    """
+    facts = [f"{a} + {b} = {a + b}" for a in range(1, 61) for b in range(1, 21)]
+    facts += [f"{a} - {b} = {a - b}" for a in range(2, 61) for b in range(1, a)]
+    facts += [f"{a} * {b} = {a * b}" for a in range(2, 7) for b in range(2, 11)]
+    rng = np.random.default_rng(seed)
+    lines = [facts[i] for _ in range(repeats) for i in rng.permutation(len(facts))]
+    return ["\n".join(lines[i : i + lines_per_document]) for i in range(0, len(lines), lines_per_document)]
+
+
 # -----------------------------------------------------------------------------
 # ragged arrays: many sequences of different lengths in one flat file plus offsets
 
@@ -402,13 +420,14 @@ def build_bins(
     tinymath_val_fraction: float = 0.05,
     force: bool = False,
     math_in_pretraining: bool = False,
+    arithmetic_repeats: int = 0,
 ) -> tuple[dict, bool]:
     """Write every bin of lesson 2 into `out` (data/bins/); return (meta, built). built is False
     when meta.json already matches this tokenizer, these inputs and these settings (nothing to do)."""
     out = Path(out) if out is not None else default_bins_dir()
     check_vocab_fits(tokenizer)
     settings = {"format_version": FORMAT_VERSION, "tinymath_val_fraction": tinymath_val_fraction,
-                "math_in_pretraining": math_in_pretraining}
+                "math_in_pretraining": math_in_pretraining, "arithmetic_repeats": arithmetic_repeats}
     sources = source_manifest(raw)
     fingerprint = tokenizer.fingerprint()
 
@@ -425,14 +444,17 @@ def build_bins(
     start = time.time()
     files: list[str] = []
 
-    # 1. pretraining: the stories; optionally the TinyMath training problems too, as plain text.
-    # The built-in stories hold no digit at all, so without them the digit embeddings reach SFT
-    # untrained and the model cannot even copy a number from the question. Real pretraining
-    # corpora mix such text in for the same reason. val.bin stays stories only.
+    # 1. pretraining: the stories; optionally the TinyMath training problems too, as plain text, and
+    # arithmetic drills. The built-in stories hold no digit at all, so without them the number
+    # embeddings reach SFT untrained and the model cannot even copy a number from the question.
+    # Real pretraining corpora mix such text in for the same reason. val.bin stays stories only.
     tinymath_train, tinymath_val = split_tinymath(read_jsonl(raw / "tinymath_train.jsonl"), tinymath_val_fraction)
     pretrain = {}
     for split in SPLITS["pretrain"]:
-        extra = [f"{p['question']}\n{p['answer']}" for p in tinymath_train] if math_in_pretraining and split == "train" else []
+        extra = []
+        if split == "train":
+            extra += [f"{p['question']}\n{p['answer']}" for p in tinymath_train] if math_in_pretraining else []
+            extra += arithmetic_drills(arithmetic_repeats)
         pretrain[split] = write_pretrain_bin(raw / f"stories_{split}.txt", out / f"{split}.bin", tokenizer, num_workers, extra)
         files.append(f"{split}.bin")
 

@@ -45,7 +45,7 @@ class SFTConfig(TrainConfig):
     pack: bool = field(default=True, metadata={"help": "lay conversations end to end in each row (no padding wasted)"})
     eval_problems: int = field(default=100, metadata={"help": "held-out TinyMath problems graded before and after"})
     # defaults fitted to the tiny preset on 2 CPU cores (each SFT lesson in under 3 minutes)
-    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    steps: int = field(default=400, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "conversations per optimizer step"})
     micro_batch_size: int = field(default=16, metadata={"help": "conversations per forward pass"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})

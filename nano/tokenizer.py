@@ -60,9 +60,13 @@ PATTERNS: dict[str, str] = {
     # GPT-4 (cl100k_base): case-insensitive contractions, numbers in groups of at most 3 digits,
     # newlines kept apart from other whitespace.
     "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
-    # nano (the default): GPT-4's pattern with every digit a pre-token of its own. "2024" is then
-    # always 2 0 2 4, so a small model sees each digit in the same place value every time (with
-    # groups of 3 it would have to learn "202"+"4" and "20"+"24" as different spellings of one number).
+    # nano: GPT-4's pattern with every digit a pre-token of its own. "2024" is then always 2 0 2 4,
+    # so a model sees each digit in the same place value every time (with groups of 3 it would have
+    # to learn "202"+"4" and "20"+"24" as different spellings of one number). That pays off for
+    # numbers of any size and a model trained long enough to learn carrying. Lesson 1 defaults to
+    # gpt2 instead: TinyMath's numbers stay below 100, so " 17" becomes one token, and a tiny model
+    # trained for minutes learns "17 + 5 = 22" as a fact about three tokens sooner than it learns
+    # to add digit by digit (lesson 1's doc has the measurement).
     "nano": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
 }
 

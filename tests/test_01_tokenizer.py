@@ -15,6 +15,7 @@ Rebuild the tokenizer and let these tests judge it (NANO_IMPL_TOKENIZER=my_token
   7. Bad input -- a vocab too small, an empty corpus, a missing or corrupt file -- is a clear error.
 """
 
+import json
 import random
 from collections import Counter
 
@@ -371,10 +372,19 @@ def test_lesson_script_trains_saves_and_skips(nano_dirs, capsys):
     raw_dir().mkdir(parents=True)
     (raw_dir() / "stories_train.txt").write_text(sample_corpus(seed=7, stories=200), encoding="utf-8")
     (raw_dir() / "stories_val.txt").write_text(sample_corpus(seed=8, stories=20), encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="lesson-0"):  # the SFT text is missing too
+        lesson.main(["--vocab_size", "300", "--num_workers", "1"])
+    lesson.main(["--vocab_size", "300", "--num_workers", "1", "--with_sft_text", "false"])  # stories only
+    capsys.readouterr()
+    conversation = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]}
+    problem = {"question": "Tom has 17 apples. How many?", "answer": "So he has 17 apples.\n#### 17"}
+    (raw_dir() / "instructions_train.jsonl").write_text(json.dumps(conversation) + "\n", encoding="utf-8")
+    (raw_dir() / "tinymath_train.jsonl").write_text(json.dumps(problem) + "\n", encoding="utf-8")
     lesson.main(["--vocab_size", "300", "--num_workers", "1"])
     out = capsys.readouterr().out
-    assert "bytes per token" in out and "[" in out
+    assert "bytes per token" in out and "[" in out and "skipped" not in out  # the new text means a new tokenizer
     tok = Tokenizer.load(tokenizer_dir() / "tokenizer.json")
-    assert tok.vocab_size == 300
+    assert tok.vocab_size == 300 and tok.pattern == tokenizer.PATTERNS["gpt2"]
+    assert (tokenizer_dir() / "sft_text.txt").read_text(encoding="utf-8") == "Say hi.\n\nHi!\n\n" + problem["question"] + "\n" + problem["answer"] + "\n"
     lesson.main(["--vocab_size", "300", "--num_workers", "1"])
     assert "skipped training" in capsys.readouterr().out

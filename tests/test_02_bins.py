@@ -19,6 +19,7 @@ Implement the bins so that:
 Run: `make check-2`. Judge your own: NANO_IMPL_BINS=my_bins.py make check-2.
 """
 
+import collections
 import json
 import types
 
@@ -32,6 +33,7 @@ from conftest import load_lesson
 bins = impl("bins")
 chat = impl("chat_format")
 tokenizer_module = impl("tokenizer")
+synthetic = impl("synthetic")
 
 NAMES = ["Tom", "Lily", "Sam", "Mia", "Ben"]
 THINGS = ["ball", "kite", "cake", "dog", "tree"]
@@ -141,6 +143,22 @@ def test_math_in_pretraining_adds_the_tinymath_train_problems(world, tmp_path):
     assert docs[n_stories:] == [f"{p['question']}\n{p['answer']}" for p in train_problems]
     assert meta["pretrain"]["train"]["extra_documents"] == len(train_problems) > 0
     assert (out / "val.bin").read_bytes() == (world.out / "val.bin").read_bytes()
+
+
+def test_arithmetic_drills_cover_every_step_of_a_solution(world, tmp_path):
+    """Every "a op b = r" that a TinyMath worked answer writes is one of the drill facts, each fact
+    appears exactly `repeats` times, and the drills land in train.bin after the stories."""
+    drills = bins.arithmetic_drills(repeats=2)
+    lines = [line for doc in drills for line in doc.split("\n")]
+    counts = collections.Counter(lines)
+    assert set(counts.values()) == {2} and counts["17 + 5 = 22"] == 2 and counts["6 * 10 = 60"] == 2
+    for problem in synthetic.tinymath_problems(0, 300, "test"):
+        for op, (a, b) in zip(problem["operations"], problem["operands"]):
+            assert f"{a} {op} {b} = {synthetic.OPS[op](a, b)}" in counts, problem["answer"]
+    out = tmp_path / "bins"
+    meta, _ = bins.build_bins(world.tok, world.tokenizer_path, world.raw, out, num_workers=1, arithmetic_repeats=2)
+    docs = [world.tok.decode(d) for d in split_documents(bins.load_pretrain_tokens("train", world.tok, out), world.tok)]
+    assert docs[len(world.data["stories_train"]):] == drills
 
 
 def test_story_chunks_and_workers_do_not_change_the_bins(world, tmp_path):
