@@ -32,13 +32,11 @@ class LoRASFTConfig(SFTConfig):
 def main() -> None:
     cfg = parse_config(LoRASFTConfig)
 
-    def prepare(model):
-        summary = inject_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                              targets=cfg.targets, rslora=cfg.rslora)
-        print(summary)
+    def prepare(model):  # run_sft prints the trainable share right after this
+        inject_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.targets, rslora=cfg.rslora)
         return model
 
-    run = run_sft(cfg, stage="sft/peft/lora", prepare=prepare, describe="LoRA")
+    run = run_sft(cfg, stage="sft/peft/lora", prepare=prepare, describe=f"LoRA r={cfg.r} alpha={cfg.alpha:g}")
     path = save_adapter(run.model, run.run_dir / "adapter.pth", base_identity(run.base_checkpoint))
     print(f"adapter: {path} ({path.stat().st_size / 1024:.0f} KiB; the base checkpoint is untouched)")
 

@@ -229,15 +229,19 @@ def arithmetic_drills(repeats: int, seed: int = 0, lines_per_document: int = 20)
     """Every sum, difference and product a TinyMath solution can write, as drill documents.
 
     The facts: a + b for a <= 60, b <= 20; a - b for 0 < b < a <= 60; a * b for 2..6 times 2..10
-    (about 3,000 lines such as "17 + 5 = 22"). Each fact appears `repeats` times, shuffled, cut into
+    (about 3,000 lines such as "So 17 + 5 = 22."). Each fact appears `repeats` times, shuffled, cut into
     documents of `lines_per_document` lines. Why: in the word problems each fact shows up a handful
     of times, too rarely for a tiny model to learn it in a few hundred steps; a times table in the
     pretraining mix is the cheapest way to teach it (children drill it too). None of this text is a
     TinyMath question, so the held-out test stays unseen.
+
+    Why "So " in front: with GPT-2's pattern a number keeps its leading space, so " 17" is one token
+    but "17" at the start of a line is two ("1", "7"). In a solution every operand follows a space
+    ("so he has 17 + 5 = 22"); a bare "17 + 5 = 22" line would drill a different spelling of 17.
     """
-    facts = [f"{a} + {b} = {a + b}" for a in range(1, 61) for b in range(1, 21)]
-    facts += [f"{a} - {b} = {a - b}" for a in range(2, 61) for b in range(1, a)]
-    facts += [f"{a} * {b} = {a * b}" for a in range(2, 7) for b in range(2, 11)]
+    facts = [f"So {a} + {b} = {a + b}." for a in range(1, 61) for b in range(1, 21)]
+    facts += [f"So {a} - {b} = {a - b}." for a in range(2, 61) for b in range(1, a)]
+    facts += [f"So {a} * {b} = {a * b}." for a in range(2, 7) for b in range(2, 11)]
     rng = np.random.default_rng(seed)
     lines = [facts[i] for _ in range(repeats) for i in rng.permutation(len(facts))]
     return ["\n".join(lines[i : i + lines_per_document]) for i in range(0, len(lines), lines_per_document)]

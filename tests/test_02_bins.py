@@ -151,10 +151,10 @@ def test_arithmetic_drills_cover_every_step_of_a_solution(world, tmp_path):
     drills = bins.arithmetic_drills(repeats=2)
     lines = [line for doc in drills for line in doc.split("\n")]
     counts = collections.Counter(lines)
-    assert set(counts.values()) == {2} and counts["17 + 5 = 22"] == 2 and counts["6 * 10 = 60"] == 2
+    assert set(counts.values()) == {2} and counts["So 17 + 5 = 22."] == 2 and counts["So 6 * 10 = 60."] == 2
     for problem in synthetic.tinymath_problems(0, 300, "test"):
         for op, (a, b) in zip(problem["operations"], problem["operands"]):
-            assert f"{a} {op} {b} = {synthetic.OPS[op](a, b)}" in counts, problem["answer"]
+            assert f"So {a} {op} {b} = {synthetic.OPS[op](a, b)}." in counts, problem["answer"]
     out = tmp_path / "bins"
     meta, _ = bins.build_bins(world.tok, world.tokenizer_path, world.raw, out, num_workers=1, arithmetic_repeats=2)
     docs = [world.tok.decode(d) for d in split_documents(bins.load_pretrain_tokens("train", world.tok, out), world.tok)]
