@@ -96,10 +96,10 @@ def main() -> None:
     # 2. QLoRA: quantize the frozen base first, then put full-precision adapters beside it
     def prepare(model):
         quantize_model(model, targets, cfg.blocksize, double_quant=cfg.double_quant)
-        print(inject_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=targets))
-        return model
+        inject_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=targets)
+        return model  # run_sft prints the trainable share next
 
-    run = run_sft(cfg, stage="sft/peft/qlora", prepare=prepare, describe="QLoRA")
+    run = run_sft(cfg, stage="sft/peft/qlora", prepare=prepare, describe=f"QLoRA r={cfg.r} alpha={cfg.alpha:g}")
     identity = {**base_identity(run.base_checkpoint),
                 "quantization": f"nf4, block {cfg.blocksize}, double_quant {cfg.double_quant}"}
     path = save_adapter(run.model, run.run_dir / "adapter.pth", identity)

@@ -141,6 +141,7 @@ def evaluate_stage(stage: Stage, tasks: list[str], cfg: EvalConfig, device: str,
         shots = f", {result['shots_used'][0]}-{result['shots_used'][1]} shots fitted" if "shots_used" in result else ""
         print(f"{task}: {result['correct']}/{result['n']} = {100 * result['accuracy']:.1f}% "
               f"± {100 * result['stderr']:.1f} ({mode}{shots}) -> {samples}")
+        print("  wrong answers: " + ", ".join(f"{kind} {n}" for kind, n in result["mistakes"].items()))
 
     # 3b. validation loss and bits per byte on the held-out stories of lesson 2
     row["val_loss"], row["val_bpb"], row["val_note"] = float("nan"), float("nan"), ""

@@ -46,7 +46,7 @@ MASK_DTYPE = np.uint8
 IGNORE_INDEX = -100  # the target value cross_entropy skips (torch's default ignore_index)
 STORY_SEPARATOR = "<|endoftext|>"  # TinyStories' separator, kept by lesson 0's generator
 META_NAME = "meta.json"
-FORMAT_VERSION = 1  # bump when the layout of the files changes: old bins are then rebuilt
+FORMAT_VERSION = 2  # bump when the layout of the files, or what goes into them, changes: old bins are then rebuilt
 
 # The raw files lesson 0 writes (see the common contracts), by the part of lesson 2 that reads them.
 RAW_INPUTS = {

@@ -17,6 +17,7 @@ it would move on another sample of problems (20 problems at p=0.5: +-11 points â
 Run the tests: `make check-12` (or `.venv/bin/python -m pytest -q tests/test_12_evaluate.py`).
 """
 
+import ast
 import json
 import math
 import os
@@ -160,6 +161,44 @@ def is_correct(completion: str, reference: str | int | float) -> bool:
     if predicted is None:
         return False
     return numbers_equal(predicted, reference_answer(reference))
+
+
+# A worked step as the solutions write it: "3 * 4 = 12", "12 - 2 + 5 = 15" (whole numbers, + - * /)
+_WRITTEN_STEP = re.compile(r"(\d+(?:\s*[-+*/]\s*\d+)+)\s*=\s*(\d+)")
+_STEP_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+             ast.Div: lambda a, b: a / b if b else math.nan}
+
+
+def _evaluate_step(expression: str) -> float:
+    """'12 - 2 + 5' -> 15, with the usual precedence; only numbers and + - * / (no eval())."""
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant):
+            return node.value
+        return _STEP_OPS[type(node.op)](value(node.left), value(node.right))
+    return value(ast.parse(expression, mode="eval").body)
+
+
+MISTAKE_KINDS = ("arithmetic slip", "wrong numbers or steps", "no answer")
+
+
+def mistake_kind(completion: str, reference: str | int | float) -> str:
+    """Why an answer is wrong, read off its worked steps; "right" when it is not wrong.
+
+    "no answer": no number to grade; "arithmetic slip": some written step such as "19 + 6 = 26" is
+    false; "wrong numbers or steps": every written step is true, so the model computed the wrong
+    thing (misread a number, chose the wrong operation, stopped a step early).
+
+    >>> mistake_kind("So he has 19 + 6 = 26.\\n#### 26", 25), mistake_kind("So he has 19 + 5 = 24.\\n#### 24", 25)
+    ('arithmetic slip', 'wrong numbers or steps')
+    """
+    if is_correct(completion, reference):
+        return "right"
+    if extract_answer(completion) is None:
+        return "no answer"
+    for expression, result in _WRITTEN_STEP.findall(completion):
+        if not math.isclose(_evaluate_step(expression), int(result)):
+            return "arithmetic slip"
+    return "wrong numbers or steps"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,6 +529,7 @@ def evaluate_model(
                 "extracted": extracted,
                 "reference": problem.reference,
                 "correct": correct,
+                "mistake": mistake_kind(text, problem.reference),
             }
         )
     accuracy, stderr = accuracy_with_stderr([r["correct"] for r in rows])
@@ -503,6 +543,7 @@ def evaluate_model(
         "correct": sum(r["correct"] for r in rows),
         "accuracy": accuracy,
         "stderr": stderr,
+        "mistakes": {kind: sum(r["mistake"] == kind for r in rows) for kind in MISTAKE_KINDS},
     }
 
 

@@ -143,6 +143,21 @@ def test_fewshot_continuation_is_cut():
 # ---- accuracy ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("completion, reference, kind", [
+    ("So he has 19 + 6 = 25 eggs.\n#### 25", 25, "right"),
+    ("So he has 19 + 6 = 26 eggs.\n#### 26", 25, "arithmetic slip"),
+    ("So he has 19 + 5 = 24 eggs.\n#### 24", 25, "wrong numbers or steps"),   # misread 6 as 5
+    ("In the bags there are 6 * 5 = 30.\nThen 30 - 20 = 11 left.\n#### 11", 10, "arithmetic slip"),  # the 2nd step
+    ("He pays 2 + 3 * 4 = 14 dollars.\n#### 14", 20, "wrong numbers or steps"),  # precedence: 3 * 4 first
+    ("He pays 2 + 3 * 4 = 20 dollars.\n#### 20", 14, "arithmetic slip"),
+    ("Once upon a time there was a cat.", 7, "no answer"),
+])
+def test_mistake_kind(completion, reference, kind):
+    """Wrong answers sorted by their worked steps: a false step is a slip; all steps true means the
+    model computed the wrong thing. This is what lesson 12 prints under each stage."""
+    assert evaluate.mistake_kind(completion, reference) == kind
+
+
 def test_accuracy_with_stderr():
     acc, err = evaluate.accuracy_with_stderr([True, False, True, True])
     assert acc == 0.75 and err == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
@@ -285,6 +300,7 @@ def test_evaluate_model_chat_writes_graded_samples(nano_dirs, tok_and_model):
         assert row["reference"] == problem.reference
         assert row["extracted"] == evaluate.extract_answer(row["output"])
         assert row["correct"] == evaluate.is_correct(row["output"], problem.reference)
+        assert row["mistake"] == evaluate.mistake_kind(row["output"], problem.reference)
         # the output is what greedy generation gives for this prompt alone
         prompt = chat.render_prompt([{"role": "user", "content": problem.question}], tokenizer)
         alone = generate.generate(model, prompt, max_new_tokens=6, stop_tokens=stops, repetition_stop=evaluate.REPETITION_WINDOW)
