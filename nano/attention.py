@@ -285,13 +285,12 @@ def attention(
     PyTorch version above. Everything else (decoding against a KV cache, Tq < Tk, and left-padded
     batches) uses the reference, which handles every case. "auto" resolves by q's device
     (see `resolve_attn_impl`).
+
+    Under torch.compile the blockwise version stays: on this CPU, compiling the reference's full
+    score matrix instead made a tiny training step slower (bench/bench_model.py --compile).
     """
     impl = resolve_attn_impl(impl, q.device)
     fused_case = q.shape[2] == k.shape[2] and key_mask is None
-    if impl == "eager" and torch.compiler.is_compiling():
-        # under torch.compile the reference's plain ops are what the compiler fuses best; the
-        # blockwise version's Python loop and hand-written backward would only get in its way
-        return attention_reference(q, k, v, scale, softcap, window, key_mask)
     if impl == "triton" and fused_case:
         # imported here, not at the top: triton is optional, and on a machine without CUDA the module
         # switches on Triton's interpreter (TRITON_INTERPRET=1: numpy, slow, for learning) as it loads
