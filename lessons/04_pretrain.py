@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from nano.bins import load_pretrain_tokens
+from nano.checkpoint import load_tokenizer
 from nano.config import parse_config, print_config, save_config
-from nano.evaluate import token_byte_lengths, validation_loss
 from nano.generate import generate
 from nano.model import GemmaNano, model_config
-from nano.paths import runs_dir, tokenizer_dir, require
-from nano.tokenizer import Tokenizer
+from nano.paths import runs_dir
 from nano.trainer import Task, TrainConfig, row_generator, train
+from nano.val_loss import token_byte_lengths, validation_loss
 
 
 @dataclass
@@ -59,7 +59,7 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
 
     # 1. the tokenizer and the token streams (np.memmap: the file stays on disk, pages load on use)
-    tokenizer = Tokenizer.load(require(tokenizer_dir() / "tokenizer.json", "tokenizer", 1))
+    tokenizer = load_tokenizer()
     train_tokens, val_tokens = load_pretrain_tokens("train", tokenizer), load_pretrain_tokens("val", tokenizer)
     byte_lengths = token_byte_lengths(tokenizer)  # bytes of text behind each token id, for bits per byte
 
@@ -115,7 +115,7 @@ def main() -> None:
         print(f"\ndone: {result.tokens_seen:,} tokens in {result.seconds:.0f} s "
               f"({result.tokens_per_s:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%)")
         print(f"final val loss {result.last_eval['val_loss']:.4f} nats/token, "
-              f"{result.last_eval['val_bpb']:.4f} bits/byte; best val loss {result.best_val_loss:.4f}")
+              f"{result.last_eval['val_bpb']:.4f} bits/byte; best val loss {result.best_value:.4f}")
         print(f"checkpoints: {run_dir / 'checkpoints'}; curve: {run_dir / 'loss.svg'}")
         for i, text in enumerate(sample(model.eval())):
             print(f"\n--- sample {i + 1} ---\n{text}")

@@ -14,9 +14,10 @@ base checkpoint in lessons 12 and 13.
 
 from dataclasses import dataclass, field
 
+from nano.checkpoint import base_identity
 from nano.config import parse_config
 from nano.lora import DEFAULT_TARGETS, inject_lora, save_adapter
-from nano.sft import SFTConfig, base_identity, run_sft
+from nano.sft import SFTConfig, run_sft
 
 
 @dataclass

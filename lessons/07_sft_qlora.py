@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nano.checkpoint import load_model
+from nano.checkpoint import base_identity, load_model
 from nano.config import parse_config
 from nano.lora import DEFAULT_TARGETS, inject_lora, name_matches, parse_targets, save_adapter
 from nano.nf4 import bits_per_parameter, model_weight_bytes, quantization_error, quantize_model, quantize_nf4
-from nano.paths import runs_dir
-from nano.sft import BASE_CHECKPOINT, SFTConfig, base_identity, run_sft
+from nano.paths import BASE_CHECKPOINT, runs_dir
+from nano.sft import SFTConfig, run_sft
 
 
 @dataclass

@@ -20,9 +20,7 @@ checkpoint): results.md, results.json, one SVG bar chart per task, samples/<stag
 The doc is lessons/12_evaluate.md.
 """
 
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,11 +28,15 @@ from pathlib import Path
 
 import torch
 
+from nano.bins import load_pretrain_tokens
+from nano.checkpoint import load_tokenizer
 from nano.config import parse_config, pick_device, print_config, save_config
-from nano.evaluate import evaluate_model, load_task, parse_tasks, task_path, token_byte_lengths, validation_loss
-from nano.loading import STAGES, Stage, load_tokenizer
+from nano.evaluate import evaluate_model, load_task, parse_tasks, task_path
+from nano.fileio import write_json, write_text
+from nano.loading import STAGES, Stage
 from nano.paths import runs_dir
 from nano.plot import bar_chart, write_svg
+from nano.val_loss import token_byte_lengths, validation_loss
 
 # Per-task defaults. TinyMath's worked answers are 48 tokens long at the median, 73 at most (lesson
 # 1's tokenizer writes every digit as a token): 96 leaves room. GSM8K's answers are long and slow to
@@ -133,9 +135,10 @@ def evaluate_stage(stage: Stage, tasks: list[str], cfg: EvalConfig, device: str,
             max_new_tokens=cfg.max_new_tokens or TASK_DEFAULTS[task]["max_new_tokens"], out_jsonl=samples,
             task_file=(cfg.gsm8k_path or None) if task == "gsm8k" else None, seed=cfg.seed, progress=True,
         )
+        rows = result.pop("rows")  # every graded sample; also in the samples file
         result["samples"] = str(samples)
         if mode == "fewshot":  # long examples are dropped to fit the context: say how many fitted
-            shots = [json.loads(line)["prompt"].count("Question:") - 1 for line in samples.open(encoding="utf-8")]
+            shots = [r["prompt"].count("Question:") - 1 for r in rows]
             result["shots_used"] = [min(shots), max(shots)] if shots else [0, 0]
         row["results"][task] = result
         shots = f", {result['shots_used'][0]}-{result['shots_used'][1]} shots fitted" if "shots_used" in result else ""
@@ -146,8 +149,6 @@ def evaluate_stage(stage: Stage, tasks: list[str], cfg: EvalConfig, device: str,
     # 3b. validation loss and bits per byte on the held-out stories of lesson 2
     row["val_loss"], row["val_bpb"], row["val_note"] = float("nan"), float("nan"), ""
     try:
-        from nano.bins import load_pretrain_tokens
-
         tokens = load_pretrain_tokens("val", tokenizer)
         row["val_loss"], row["val_bpb"] = validation_loss(
             model, tokens, model.cfg.context_len, cfg.val_batches, cfg.val_batch_size,
@@ -190,23 +191,15 @@ def table(rows: list[dict], tasks: list[str], skipped: list[str]) -> str:
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines])
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_outputs(rows: list[dict], tasks: list[str], skipped: list[str], cfg: EvalConfig, out_dir: Path) -> str:
     """results.md, results.json and a bar chart per task; returns the table."""
     text = table(rows, tasks, skipped)
     notes = ["accuracy ± one standard error, sqrt(p(1-p)/n); greedy decoding; val loss in nats/token and "
              "bits per byte on the held-out stories (lesson 2's val.bin)"]
     notes += [f"{t}: not downloaded — make lesson-0 ARGS=\"--gsm8k download\"" for t in skipped]
-    write_text_atomic(out_dir / "results.md", "# Evaluation\n\n" + text + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    write_text(out_dir / "results.md", "# Evaluation\n\n" + text + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
-    write_text_atomic(out_dir / "results.json", json.dumps({"config": asdict(cfg), "tasks": tasks, "skipped": skipped,
-                                                            "stages": clean}, indent=2) + "\n")
+    write_json(out_dir / "results.json", {"config": asdict(cfg), "tasks": tasks, "skipped": skipped, "stages": clean})
     for task in tasks:
         done = [r for r in rows if r["status"] == "evaluated" and r["results"].get(task, {}).get("n")]
         if done:

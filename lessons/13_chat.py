@@ -24,10 +24,11 @@ from typing import Callable
 import torch
 
 from nano.chat_format import decode_reply, encode_text, render_prompt, special_id, stop_token_ids
+from nano.checkpoint import load_tokenizer
 from nano.config import parse_config, pick_device, print_config
 from nano.generate import StreamDecoder, generate
-from nano.loading import BASE_CHECKPOINT, default_chat_stage, load_for_inference, load_tokenizer
-from nano.paths import runs_dir
+from nano.loading import default_chat_stage, load_for_inference
+from nano.paths import BASE_CHECKPOINT, runs_dir
 
 
 @dataclass

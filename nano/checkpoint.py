@@ -1,12 +1,18 @@
 """
-Checkpoints: save a training state so that a crash loses nothing, and load a model in one call.
+Checkpoints and model identity: save a training state so that a crash loses nothing, load a model in
+one call, and know exactly which weights and which tokenizer a file belongs to.
 
 Two rules make checkpoints safe:
   1. Write to a temporary file in the same folder, flush it to disk, then `os.replace` it over the
-     old name. A rename within one filesystem is atomic, so a kill at any moment leaves either the
-     old checkpoint or the new one — never half of one.
+     old name (nano/fileio.py: atomic_open). A rename within one filesystem is atomic, so a kill at
+     any moment leaves either the old checkpoint or the new one — never half of one.
   2. Store everything needed to rebuild the model (its config) and to check it is used with the
      right tokenizer (the tokenizer's fingerprint), not only the weights.
+
+Identity: a fingerprint is a short hash of exact bytes. `state_fingerprint(weights)` names a base
+model (a LoRA adapter or a reward model records it, and is refused on any other base);
+`Tokenizer.fingerprint()` names a tokenizer (the same id means other text under another one, so a
+model is refused with the wrong tokenizer: `load_tokenizer`).
 
 A checkpoint is a plain dict saved with torch.save:
     {"model": state_dict, "model_config": {...}, "tokenizer_fingerprint": "ab12...",
@@ -15,11 +21,16 @@ A checkpoint is a plain dict saved with torch.save:
     model, ckpt = load_model("runs/pretrain/default/checkpoints/ckpt_best.pth")
 """
 
-import os
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from nano.fileio import atomic_open
+from nano.model import GemmaNano, ModelConfig
+from nano.paths import require, tokenizer_dir
+from nano.tokenizer import Tokenizer
 
 # which lesson writes the checkpoints under each runs/<stage>/ folder, for "run make lesson-N first"
 _STAGE_LESSON = {"pretrain": 4, "sft": 5, "rm": 8, "rlhf": 9}
@@ -27,15 +38,9 @@ _STAGE_LESSON = {"pretrain": 4, "sft": 5, "rm": 8, "rlhf": 9}
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Atomically write `state` to `path` (tmp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def _lesson_for(path: Path) -> str:
@@ -65,8 +70,6 @@ def load_model(path: str | Path, device: str = "cpu", **config_overrides: Any):
     Returns (model, ckpt); the model is in eval mode on `device`. `config_overrides` change
     run-time settings such as attn_impl, never the shapes.
     """
-    from nano.model import GemmaNano, ModelConfig
-
     ckpt = load_checkpoint(path)
     if "model_config" not in ckpt:
         raise ValueError(f"{path} has no 'model_config': it cannot rebuild its model")
@@ -88,3 +91,56 @@ def load_state_checked(model: torch.nn.Module, state_dict: dict, source: str) ->
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(f"{source} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# identity: which weights, which tokenizer
+
+
+def state_fingerprint(state_dict: dict[str, Any]) -> str:
+    """A short hash of a state_dict's names, shapes, dtypes and bytes: the identity of a base model.
+
+    Two checkpoints with the same fingerprint hold the same weights. Computed over sorted names, so
+    the order of the dict does not matter; non-tensor entries (extra state) are skipped.
+
+    >>> a = {"w": torch.ones(2), "b": torch.zeros(1)}
+    >>> state_fingerprint(a) == state_fingerprint({"b": torch.zeros(1), "w": torch.ones(2)})
+    True
+    >>> state_fingerprint(a) == state_fingerprint({"w": torch.ones(2) * 2, "b": torch.zeros(1)})
+    False
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        # view as raw bytes: works for every dtype, including bf16 which numpy cannot hold
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def base_identity(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What a model built on top of a checkpoint records about it: its shapes and its exact weights.
+
+    A LoRA adapter stores this and is refused on any base whose identity differs (nano/lora.py).
+    """
+    return {"model_config": ckpt["model_config"], "checkpoint": state_fingerprint(ckpt["model"])}
+
+
+def load_tokenizer(expected_fingerprint: str | None = None) -> Tokenizer:
+    """Lesson 1's tokenizer, refused if a checkpoint was trained with another one.
+
+    The same id means different text under another tokenizer: the model would read gibberish and
+    the evaluation would grade nonsense, without any error. So the checkpoint's recorded
+    fingerprint (ckpt["tokenizer_fingerprint"]) must match the tokenizer on disk.
+    """
+    path = require(tokenizer_dir() / "tokenizer.json", "tokenizer", 1)
+    tokenizer = Tokenizer.load(path)
+    if expected_fingerprint is not None and tokenizer.fingerprint() != expected_fingerprint:
+        raise ValueError(
+            f"the checkpoint was trained with tokenizer {expected_fingerprint}, but {path} is "
+            f"{tokenizer.fingerprint()}: retrain the model with this tokenizer (make lesson-4) "
+            "or restore the tokenizer it was trained with"
+        )
+    return tokenizer

@@ -1,6 +1,6 @@
 """
 Evaluation: ask the model math word problems, read the number it ends with, and count how often it
-is right — plus the validation loss and bits per byte of a checkpoint.
+is right. (How well a model predicts held-out text — loss and bits per byte — is nano/val_loss.py.)
 
 Grading free text is the hard part. GSM8K's reference answers end in a line "#### 72"; a model may
 write that, or "The answer is 72.", or "A: $72.00", or just stop after a calculation. So
@@ -20,17 +20,17 @@ Run the tests: `make check-12` (or `.venv/bin/python -m pytest -q tests/test_12_
 import ast
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from nano.chat_format import STOP_TOKENS, render_prompt
+from nano.fileio import write_jsonl
+from nano.generate import generate_batch
 from nano.paths import raw_dir
 
 # ----------------------------------------------------------------------------------------------
@@ -368,15 +368,6 @@ def _special_id(tokenizer: Any, name: str) -> int | None:
     return getattr(tokenizer, "special_tokens", {}).get(name)
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def build_prompts(
     tokenizer: Any,
     problems: Sequence[Problem],
@@ -394,8 +385,6 @@ def build_prompts(
              minus the room for the answer), examples are dropped one at a time until it fits.
     """
     if mode == "chat":
-        from nano.chat_format import render_prompt
-
         return [
             render_prompt([{"role": "user", "content": chat_user_message(p.question, instruction)}], tokenizer)
             for p in problems
@@ -447,21 +436,20 @@ def evaluate_model(
     repetition_stop: int = REPETITION_WINDOW,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Generate an answer to each problem, grade it, and return {"accuracy", "stderr", "n", ...}.
+    """Generate an answer to each problem, grade it, and return {"accuracy", "stderr", "n", "rows", ...}.
 
     `task` is a task name ("gsm8k", "tinymath"; `task_file` overrides its file) or a list of Problems.
     Greedy by default (temperature 0): the score is then a property of the checkpoint, not of a seed.
     Prompts are sorted by length and generated `batch_size` at a time, left-padded (generate_batch),
-    so the padding wasted per batch stays small. Each sample's prompt, output, extracted answer,
-    reference and verdict go to `out_jsonl` (one json object a line) when given.
+    so the padding wasted per batch stays small. "rows" holds each sample's prompt, output, extracted
+    answer, reference and verdict (a dict each); they also go to `out_jsonl` (a json object a line)
+    when given, to read afterwards.
 
     mode "chat": zero-shot, the question as the user turn (+ `instruction`), stop at <end_of_turn>/<eos>.
     mode "fewshot": `num_fewshot` worked examples first (see `fewshot_pool`), stop at <eos> or when
     the model starts the next "Question:". A row that loops (`repetition_stop`, see
     nano.generate.is_looping) stops early: a loop never reaches a better answer.
     """
-    from nano.generate import generate_batch
-
     # 1. the problems, and the worked examples a base model is shown first
     name = task if isinstance(task, str) else "custom"
     if isinstance(task, str):  # (+ num_fewshot: the first ones may become the examples, see fewshot_pool)
@@ -483,7 +471,7 @@ def evaluate_model(
     )
 
     # 3. stop at the end of the model's turn (chat), or when a base model starts the next question
-    stop_names = ("<end_of_turn>", "<eos>") if mode == "chat" else ("<eos>", "<|endoftext|>")
+    stop_names = STOP_TOKENS if mode == "chat" else ("<eos>", "<|endoftext|>")
     stop_tokens = [i for i in (_special_id(tokenizer, n) for n in stop_names) if i is not None]
     should_stop: Callable[[list[int]], bool] | None = None
     if mode == "fewshot":
@@ -534,7 +522,7 @@ def evaluate_model(
         )
     accuracy, stderr = accuracy_with_stderr([r["correct"] for r in rows])
     if out_jsonl is not None:
-        _write_jsonl_atomic(Path(out_jsonl), rows)
+        write_jsonl(out_jsonl, rows)
     return {
         "task": name,
         "mode": mode,
@@ -544,97 +532,5 @@ def evaluate_model(
         "accuracy": accuracy,
         "stderr": stderr,
         "mistakes": {kind: sum(r["mistake"] == kind for r in rows) for kind in MISTAKE_KINDS},
+        "rows": rows,
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. Validation loss and bits per byte
-# ----------------------------------------------------------------------------------------------
-
-
-def bits_per_byte(loss_nats: float, num_tokens: int, num_bytes: int) -> float:
-    """Convert a mean loss per token (nats) into bits per byte of text.
-
-    The model spends loss_nats * num_tokens nats on the whole text; divided by ln 2 that is bits;
-    divided by the text's length in bytes it is bits per byte:
-
-        bpb = loss_nats * num_tokens / (num_bytes * ln 2)
-
-    Unlike loss per token it does not depend on the tokenizer (a bigger vocabulary makes fewer,
-    harder tokens), so models with different vocabularies compare. 8 bits/byte = no better than
-    random bytes; gzip reaches ~2.5 on English.
-
-    >>> round(bits_per_byte(math.log(2), num_tokens=10, num_bytes=5), 6)   # 10 tokens of 1 bit over 5 bytes
-    2.0
-    """
-    if num_bytes <= 0:
-        raise ValueError("bits per byte needs at least one byte of text")
-    return loss_nats * num_tokens / (num_bytes * math.log(2))
-
-
-def token_byte_lengths(tokenizer: Any, vocab_size: int | None = None) -> np.ndarray:
-    """How many bytes of text each token id stands for: len(tokenizer.decode_bytes([id])), 0 for specials.
-
-    Special tokens (<bos>, <eos>, ...) mark structure, not text: they get 0 bytes, and
-    `validation_loss` leaves them out of bits per byte altogether (as nanochat does).
-    """
-    size = vocab_size or tokenizer.vocab_size
-    special_ids = set(getattr(tokenizer, "special_tokens", {}).values())
-    return np.array([0 if i in special_ids else len(tokenizer.decode_bytes([i])) for i in range(size)], dtype=np.int64)
-
-
-@torch.no_grad()
-def validation_loss(
-    model: torch.nn.Module,
-    tokens: np.ndarray,
-    context_len: int,
-    batches: int,
-    batch_size: int,
-    tokenizer: Any = None,
-    byte_lengths: np.ndarray | None = None,
-    device: str | torch.device | None = None,
-) -> tuple[float, float]:
-    """Mean next-token loss (nats) on held-out tokens, and bits per byte: (loss, bpb).
-
-    `tokens` is a 1-D array (a np.memmap of the val bin). The `batches * batch_size` windows of
-    context_len + 1 tokens start evenly spaced over it, the same for every call, so every checkpoint
-    is scored on exactly the same text.
-
-    loss: the mean over every predicted token, as in training.
-    bpb:  over the predicted tokens that are text (byte length > 0, from `byte_lengths` or else
-          `token_byte_lengths(tokenizer)`), their nats / (their bytes * ln 2) — see `bits_per_byte`.
-          nan when neither is given.
-    """
-    device = device or next(model.parameters()).device
-    num_windows = batches * batch_size
-    last_start = len(tokens) - context_len - 1  # each window needs context_len inputs + 1 target
-    if last_start < 0:
-        raise ValueError(f"{len(tokens)} tokens are too few for one window of {context_len} + 1")
-    starts = np.linspace(0, last_start, num_windows).astype(np.int64)
-    if byte_lengths is None and tokenizer is not None:
-        byte_lengths = token_byte_lengths(tokenizer)
-
-    was_training = model.training
-    model.eval()
-    total_nats, total_tokens = 0.0, 0  # every predicted token: the loss
-    text_nats, text_tokens, text_bytes = 0.0, 0, 0  # predicted tokens that are text: bits per byte
-    for b in range(batches):
-        batch_starts = starts[b * batch_size : (b + 1) * batch_size]
-        rows = [np.asarray(tokens[s : s + context_len + 1], dtype=np.int64) for s in batch_starts]
-        window = torch.from_numpy(np.stack(rows)).to(device)  # (B, T+1)
-        inputs, targets = window[:, :-1], window[:, 1:]  # (B, T) each
-        logits, _ = model(inputs)  # (B, T, V)
-        # per-token losses (not a mean) so that batches and subsets add up exactly; fp32 log-softmax
-        nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # (B*T,)
-        total_nats += nats.sum().item()
-        total_tokens += nats.numel()
-        if byte_lengths is not None:
-            num_bytes = torch.from_numpy(byte_lengths[targets.flatten().cpu().numpy()]).to(device)  # (B*T,)
-            is_text = num_bytes > 0
-            text_nats += nats[is_text].sum().item()
-            text_tokens += int(is_text.sum())
-            text_bytes += int(num_bytes.sum())
-    model.train(was_training)
-    loss = total_nats / total_tokens
-    bpb = bits_per_byte(text_nats / text_tokens, text_tokens, text_bytes) if text_bytes > 0 else float("nan")
-    return loss, bpb

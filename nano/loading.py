@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from nano.checkpoint import load_model
-from nano.lora import load_adapter, merge_lora, state_fingerprint
+from nano.checkpoint import base_identity, load_model, load_tokenizer
+from nano.lora import load_adapter, merge_lora
 from nano.nf4 import quantize_model
-from nano.paths import require, runs_dir, tokenizer_dir
+from nano.paths import BASE_CHECKPOINT, runs_dir
 
 # What lesson 7 trains against and writes into its adapter's identity (nano/nf4.py's defaults with
 # double quantization): the same quantization here reproduces the weights the adapter saw.
@@ -56,7 +56,7 @@ def load_for_inference(
     checkpoint_path = Path(checkpoint_path)
     # 1. the base model (load_model says which lesson makes a missing checkpoint)
     model, ckpt = load_model(checkpoint_path, device="cpu")
-    identity = {"model_config": ckpt["model_config"], "checkpoint": state_fingerprint(ckpt["model"])}
+    identity = base_identity(ckpt)  # (nano/checkpoint.py) shapes + a fingerprint of the exact weights
 
     # 2. 4-bit projections (embedding and norms stay fp32, as in QLoRA)
     if quantize:
@@ -93,26 +93,6 @@ def load_for_inference(
     return model, info
 
 
-def load_tokenizer(expected_fingerprint: str | None = None):
-    """Lesson 1's tokenizer, refused if a checkpoint was trained with another one.
-
-    The same id means different text under another tokenizer: the model would read gibberish and
-    the evaluation would grade nonsense, without any error. So the checkpoint's recorded
-    fingerprint (info["tokenizer_fingerprint"]) must match the tokenizer on disk.
-    """
-    from nano.tokenizer import Tokenizer
-
-    path = require(tokenizer_dir() / "tokenizer.json", "tokenizer", 1)
-    tokenizer = Tokenizer.load(path)
-    if expected_fingerprint is not None and tokenizer.fingerprint() != expected_fingerprint:
-        raise ValueError(
-            f"the checkpoint was trained with tokenizer {expected_fingerprint}, but {path} is "
-            f"{tokenizer.fingerprint()}: retrain the model with this tokenizer (make lesson-4) "
-            "or restore the tokenizer it was trained with"
-        )
-    return tokenizer
-
-
 # -----------------------------------------------------------------------------------------------
 # where each stage's model lives
 
@@ -140,9 +120,7 @@ class Stage:
         return load_for_inference(checkpoint, adapter, quantize=self.quantize, device=device)
 
 
-BASE_CHECKPOINT = "pretrain/default/checkpoints/ckpt_best.pth"  # lesson 4 (nano/sft.py starts from it too)
-
-# In the order of the lessons. The run folder of each is its default, "default" (DESIGN.md's layout).
+# In the order of the lessons; each lesson's run folder is its default, "default".
 STAGES: tuple[Stage, ...] = (
     Stage("base", 4, BASE_CHECKPOINT, chat=False),
     Stage("sft-full", 5, "sft/full/default/checkpoints/ckpt_best.pth"),

@@ -20,7 +20,6 @@ QLoRA (lesson 7) is the same thing with a 4-bit base: LoRALinear wraps nano.nf4.
 Test: `make check-6` (tests/test_06_lora.py).
 """
 
-import hashlib
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -301,23 +300,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # 4. adapter files: only A and B, plus what they were made for
 
 
-def state_fingerprint(state_dict: dict[str, Any]) -> str:
-    """A short hash of a state_dict's names, shapes, dtypes and bytes: the identity of a base model.
-
-    Two checkpoints with the same fingerprint hold the same weights. Computed over sorted names, so
-    the order of the dict does not matter; non-tensor entries (extra state) are skipped.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name]
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        # view as raw bytes: works for every dtype, including bf16 which numpy cannot hold
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _flatten(identity: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"model_config": {"d_model": 64}} -> {"model_config.d_model": 64}, to name what differs."""
     flat = {}
@@ -346,7 +328,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_identity: dict[str, An
     """Write only the adapters (A and B of every LoRA layer) and their settings, atomically.
 
     base_identity says which base the adapter belongs to, as plain values (str, numbers, lists,
-    dicts): e.g. {"model_config": asdict(cfg), "checkpoint": state_fingerprint(base_state_dict)}.
+    dicts): e.g. nano/checkpoint.py: base_identity(ckpt).
     load_adapter compares it with the identity of the base it is asked to load onto.
     """
     _require_plain(base_identity, "base_identity")

@@ -39,10 +39,16 @@ def runs_dir() -> Path:
     return Path(os.environ.get("NANO_RUNS_DIR", REPO_ROOT / "runs"))
 
 
+# lesson 4's best pretraining checkpoint, under runs/: where SFT (lessons 5-7) starts and what
+# evaluation calls the "base" model
+BASE_CHECKPOINT = "pretrain/default/checkpoints/ckpt_best.pth"
+
+
 def require(path: Path, what: str, lesson: int) -> Path:
     """Return `path` if it exists, else stop with a message that says which lesson makes it.
 
-    >>> require(Path("/nope"), "token bins", 2)   # raises:
+    >>> require(Path("/nope"), "token bins", 2)
+    Traceback (most recent call last):
     FileNotFoundError: no token bins at /nope — run `make lesson-2` first
     """
     if not Path(path).exists():

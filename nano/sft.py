@@ -18,7 +18,6 @@ so `run_sft` takes a `prepare(model)` function and does the rest: batches, loss,
 (nano/trainer.py), validation loss on held-out conversations, and TinyMath accuracy before and after.
 """
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,15 +27,13 @@ import numpy as np
 import torch
 
 from nano.bins import SFTDataset, sft_batch
-from nano.checkpoint import load_model
+from nano.checkpoint import load_model, load_tokenizer
 from nano.config import print_config, save_config
 from nano.evaluate import evaluate_model, load_task
-from nano.paths import runs_dir, tokenizer_dir, require
-from nano.tokenizer import Tokenizer
+from nano.fileio import write_json
+from nano.model import IGNORE_INDEX
+from nano.paths import BASE_CHECKPOINT, runs_dir
 from nano.trainer import Task, TrainConfig, TrainResult, row_generator, train
-
-BASE_CHECKPOINT = "pretrain/default/checkpoints/ckpt_best.pth"  # under runs/: what lesson 4 writes
-
 
 @dataclass
 class SFTConfig(TrainConfig):
@@ -81,13 +78,6 @@ class SFTRun:
     base_checkpoint: dict  # the checkpoint it started from (its identity goes into adapter files)
 
 
-def base_identity(base_ckpt: dict) -> dict:
-    """What an adapter records about its base: the shapes and a fingerprint of the exact weights."""
-    from nano.lora import state_fingerprint
-
-    return {"model_config": base_ckpt["model_config"], "checkpoint": state_fingerprint(base_ckpt["model"])}
-
-
 def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], torch.nn.Module],
             describe: str) -> SFTRun:
     """Fine-tune the base checkpoint on the SFT bins.
@@ -97,11 +87,9 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
     """
     print_config(cfg)
     torch.manual_seed(cfg.seed)
-    tokenizer = Tokenizer.load(require(tokenizer_dir() / "tokenizer.json", "tokenizer", 1))
     base_path = Path(cfg.base_checkpoint) if cfg.base_checkpoint else runs_dir() / BASE_CHECKPOINT
     model, base_ckpt = load_model(base_path)
-    if base_ckpt.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint()):
-        raise ValueError(f"{base_path} was trained with another tokenizer than {tokenizer_dir()} — rerun make lesson-4")
+    tokenizer = load_tokenizer(base_ckpt.get("tokenizer_fingerprint"))  # refused if not the base's tokenizer
     max_len = cfg.max_len or model.cfg.context_len
     train_set, val_set = SFTDataset("train", tokenizer), SFTDataset("val", tokenizer)
     # conversations longer than max_len would lose the end of their answer (or all of it): skip them
@@ -137,7 +125,7 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
 
     def loss(model, batch):
         x, y = batch
-        return model(x, targets=y)[1]  # mean over assistant tokens only (targets -100 elsewhere)
+        return model(x, targets=y)[1]  # mean over assistant tokens only (targets IGNORE_INDEX elsewhere)
 
     def evaluate(model):
         """Mean loss per assistant token over a fixed set of held-out conversations."""
@@ -145,13 +133,13 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
         total_loss, total_tokens = 0.0, 0
         for i in range(0, len(val_rows), cfg.micro_batch_size):
             x, y = sft_batch([val_set[j] for j in val_rows[i:i + cfg.micro_batch_size]], max_len=max_len, device=device)
-            n = int((y != -100).sum())
+            n = int((y != IGNORE_INDEX).sum())
             total_loss += float(model(x, targets=y)[1]) * n
             total_tokens += n
         return {"val_loss": total_loss / max(total_tokens, 1)}
 
     task = Task(make_batch=make_batch, loss=loss, evaluate=evaluate,
-                count_tokens=lambda batch: int((batch[1] != -100).sum()),
+                count_tokens=lambda batch: int((batch[1] != IGNORE_INDEX).sum()),
                 checkpoint_extra={"model_config": asdict(model.cfg), "tokenizer_fingerprint": tokenizer.fingerprint(),
                                   "base_checkpoint": str(base_path)})
     result = train(model, cfg, run_dir, task)
@@ -160,17 +148,17 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
     after = math_accuracy(model, tokenizer, n_eval, run_dir / "tinymath_samples.jsonl") if n_eval else {}
     report = {
         "stage": stage, "trainable_params": trainable, "total_params": total,
-        "val_loss": result.last_eval.get("val_loss"), "best_val_loss": result.best_val_loss,
+        "val_loss": result.last_eval.get("val_loss"), "best_val_loss": result.best_value,
         "tinymath_before": before.get("accuracy"), "tinymath_after": after.get("accuracy"),
         "tinymath_stderr": after.get("stderr"), "tinymath_n": after.get("n"),
         "seconds": round(time.time() - t0, 1),
     }
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nheld-out SFT loss {report['val_loss']:.4f} (best {result.best_val_loss:.4f})")
+    write_json(run_dir / "report.json", report)
+    print(f"\nheld-out SFT loss {report['val_loss']:.4f} (best {result.best_value:.4f})")
     if n_eval:
         print(f"TinyMath accuracy on {after['n']} held-out problems: before {before['accuracy']:.1%} -> "
               f"after {after['accuracy']:.1%} (± {after['stderr']:.1%})")
-        sample = json.loads((run_dir / "tinymath_samples.jsonl").read_text().splitlines()[0])
+        sample = after["rows"][0]
         print(f"\nexample — {sample['prompt'].strip()[-200:]}\n{sample['output']}\n(graded {sample['correct']})")
     print(f"took {report['seconds']:.0f} s; report in {run_dir / 'report.json'}")
     return SFTRun(model, result, report, run_dir, base_ckpt)

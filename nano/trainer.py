@@ -22,15 +22,18 @@ Three properties are worth the care they take:
   * Nothing is lost on a crash: checkpoints are written atomically (nano/checkpoint.py), Ctrl-C
     saves `ckpt_last.pth` before it exits, and a NaN loss stops the run naming the last good one.
 
+`train` comes first and reads top to bottom; the pieces it calls (the schedule, the optimizer,
+processes, the run's files) follow it.
+
 Run under torchrun for data parallelism: `torchrun --nproc_per_node 2 lessons/04_pretrain.py`.
 """
 
-import json
 import math
 import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,11 +43,13 @@ from tqdm import tqdm
 
 from nano.checkpoint import load_checkpoint, load_state_checked, save_checkpoint
 from nano.config import pick_device
+from nano.fileio import append_jsonl, read_jsonl, write_jsonl
 from nano.plot import line_chart, write_svg
 
-# peak dense throughput used for MFU (model FLOPs utilisation); see REFERENCE.md section 10
-CPU_PEAK_FLOPS = 100e9  # this project's 2-core machine, fp32 matmuls
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # bf16 dense
+# Peak dense bf16 throughput of common GPUs, from NVIDIA's data sheets (no sparsity), for MFU.
+# On a CPU the peak is measured instead (cpu_peak_flops): the same two cores run 2x apart on
+# different processors.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
 
 @dataclass
@@ -93,6 +98,199 @@ class Task:
     checkpoint_extra: dict = field(default_factory=dict)  # model_config, tokenizer_fingerprint, ...
     count_tokens: Callable[[Any], int] = lambda batch: batch[0].numel()
     flops_per_token: float = 0.0  # for MFU; 0 = not reported
+    # which number of evaluate()'s result picks ckpt_best.pth: the lowest validation loss by default;
+    # RL lessons keep the checkpoint with the highest held-out reward instead
+    best_metric: str = "val_loss"
+    higher_is_better: bool = False
+
+
+@dataclass
+class TrainResult:
+    step: int
+    best_metric: str  # the name of the number that chose ckpt_best.pth ("val_loss", "reward", ...)
+    best_value: float  # its best value over the run
+    last_eval: dict
+    tokens_seen: int
+    seconds: float
+    tokens_per_s: float
+    mfu: float
+    run_dir: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, task: Task) -> TrainResult:
+    """Train `model` on `task` for cfg.steps optimizer steps, writing everything under run_dir.
+
+    run_dir/checkpoints/ckpt_best.pth   the best evaluation so far (task.best_metric)
+    run_dir/checkpoints/ckpt_last.pth   the latest state, for --resume
+    run_dir/metrics.jsonl               one line per step (and per evaluation)
+    run_dir/loss.svg                    the loss curves
+    run_dir/samples.txt                 generations at each evaluation
+    """
+    # 1. processes, device, and how a step's batch splits into micro-batches
+    device = pick_device(cfg.device)
+    d = init_distributed(device)
+    if device.startswith("cuda") and d.world > 1:
+        device = f"cuda:{d.local_rank}"
+    cfg, n_micro = split_batch(cfg, d)
+    amp_dtype = autocast_dtype(cfg, device)
+    autocast = partial(torch.autocast, device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+
+    # 2. the model, its optimizer, its files, and where to start from (step 0, or --resume)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    run = RunFiles(Path(run_dir), cfg, task, d.is_main)
+    start_step = run.resume(model, optimizer, device) if cfg.resume else run.start_fresh()
+    raw_model = model  # the plain module: what we save, evaluate and sample from
+    model = wrap_model(model, cfg, d, device)  # torch.compile and/or DistributedDataParallel
+
+    def evaluate_and_save(step: int) -> dict:
+        """Validation, samples and checkpoints on rank 0; `step` = steps completed so far."""
+        result: dict = {}
+        if d.is_main:
+            raw_model.eval()
+            with torch.no_grad(), autocast():
+                result = task.evaluate(raw_model)
+                texts = task.sample(raw_model) if task.sample and cfg.samples else []
+            raw_model.train()
+            run.record_evaluation(step, result, texts, raw_model, optimizer)
+        if d.world > 1:
+            dist.barrier()
+        return result
+
+    # 3. the loop
+    model.train()
+    tokens_seen, t0, last_eval = 0, time.time(), {}
+    completed = start_step  # optimizer steps done so far: what a checkpoint records as "step"
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not d.is_main,
+               desc=run.dir.name, dynamic_ncols=True)
+    try:
+        for step in bar:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(cfg.seed + step)  # any randomness inside a step (dropout) is reproducible
+            step_loss, step_tokens, t_step = torch.zeros((), device=device), 0, time.time()
+            for micro in range(n_micro):  # gradient accumulation
+                batch = task.make_batch(step, rows_for(step, micro, n_micro, cfg, d), device)
+                # only the last micro-batch all-reduces gradients across processes
+                sync = micro == n_micro - 1 or d.world == 1
+                with (nullcontext() if sync else model.no_sync()), autocast():
+                    loss = task.loss(model, batch)
+                    if not torch.isfinite(loss):
+                        good = run.last_path if run.last_path.exists() else "none yet"
+                        raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint: {good}")
+                    (loss / n_micro).backward()
+                step_loss += loss.detach() / n_micro
+                step_tokens += task.count_tokens(batch) * d.world
+            if d.world > 1:  # log the loss of the whole global batch, not of rank 0's slice
+                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+            step_loss = step_loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            completed = step + 1
+            tokens_seen += step_tokens
+            tok_per_s = step_tokens / max(time.time() - t_step, 1e-9)
+            if d.is_main:
+                run.log({"step": step, "loss": round(step_loss, 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                         "tokens_per_s": round(tok_per_s, 1)})
+                bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_per_s:,.0f}")
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                last_eval = evaluate_and_save(step + 1)
+                if d.is_main:
+                    extras = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
+                    bar.write(f"step {step + 1}: {extras}")
+    except KeyboardInterrupt:
+        if d.is_main:
+            run.save(run.last_path, completed, raw_model, optimizer)  # resume re-runs the step cut short
+            print(f"\ninterrupted: saved {run.last_path} after {completed} steps; continue with --resume")
+        raise
+    finally:
+        bar.close()
+
+    # 4. what the run achieved
+    seconds = time.time() - t0
+    tok_s = tokens_seen / max(seconds, 1e-9)
+    peak = peak_flops(device)
+    mfu = task.flops_per_token * tok_s / peak if peak and task.flops_per_token else 0.0
+    if d.world > 1:
+        dist.destroy_process_group()
+    return TrainResult(step=cfg.steps, best_metric=task.best_metric, best_value=run.best, last_eval=last_eval,
+                       tokens_seen=tokens_seen, seconds=seconds, tokens_per_s=tok_s, mfu=mfu, run_dir=run.dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run's files: checkpoints, metrics, curves, samples (written by rank 0 only)
+
+
+class RunFiles:
+    """Everything `train` writes under run_dir, and how a resumed run picks up where it stopped."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, task: Task, is_main: bool):
+        self.dir, self.cfg, self.task, self.is_main = run_dir, cfg, task, is_main
+        self.last_path = run_dir / "checkpoints" / "ckpt_last.pth"
+        self.best_path = run_dir / "checkpoints" / "ckpt_best.pth"
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.history: list[dict] = []
+        self.best = -math.inf if task.higher_is_better else math.inf
+
+    def start_fresh(self) -> int:
+        """A new run: empty logs (an old ckpt_last.pth is only overwritten at the first evaluation)."""
+        if self.is_main:
+            if self.last_path.exists():
+                print(f"note: {self.last_path} exists and will be overwritten (use --resume to continue it)")
+            write_jsonl(self.metrics_path, [])
+            (self.dir / "samples.txt").write_text("")
+        return 0
+
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: str) -> int:
+        """Load ckpt_last.pth into model and optimizer; keep the log lines before its step. Returns the step."""
+        ckpt = load_checkpoint(self.last_path, map_location=device)
+        load_state_checked(model, ckpt["model"], source=str(self.last_path))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step, self.best = ckpt["step"], ckpt.get("best_value", self.best)
+        if self.is_main:
+            if self.metrics_path.exists():
+                self.history = [h for h in read_jsonl(self.metrics_path) if h["step"] < start_step]
+            write_jsonl(self.metrics_path, self.history)  # drop lines of steps that will be redone
+            print(f"resuming {self.last_path} at step {start_step} (best {self.task.best_metric} so far {self.best:.4f})")
+        return start_step
+
+    def log(self, row: dict) -> None:
+        self.history.append(row)
+        append_jsonl(self.metrics_path, row)
+
+    def save(self, path: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        save_checkpoint(path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "best_metric": self.task.best_metric, "best_value": self.best, "train_config": asdict(self.cfg),
+            **self.task.checkpoint_extra})
+
+    def record_evaluation(self, step: int, result: dict, texts: list[str], model: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer) -> None:
+        """Log an evaluation, append its samples, save ckpt_best (if it is the best) and ckpt_last, plot."""
+        self.log({"step": step, **result})
+        if texts:
+            with open(self.dir / "samples.txt", "a") as f:
+                f.write(f"=== step {step} ===\n" + "\n---\n".join(texts) + "\n\n")
+        value = result[self.task.best_metric]
+        if (value > self.best) if self.task.higher_is_better else (value < self.best):
+            self.best = value
+            self.save(self.best_path, step, model, optimizer)
+        self.save(self.last_path, step, model, optimizer)
+        plot_history(self.history, self.dir / "loss.svg")
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """The loss curves (train per step, validation per evaluation) as an SVG."""
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    write_svg(path, line_chart({"train": train, "val": val}, title=f"loss — {path.parent.name}",
+                               xlabel="step", ylabel="cross-entropy (nats/token)"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,184 +377,52 @@ def autocast_dtype(cfg: TrainConfig, device: str) -> torch.dtype:
     return torch.float32  # on CPU bf16 autocast is slower than fp32 for models this small
 
 
-def peak_flops(device: str) -> float:
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
-    return CPU_PEAK_FLOPS
-
-
-# ---------------------------------------------------------------------------------------------
-# the loop
-
-
-@dataclass
-class TrainResult:
-    step: int
-    best_val_loss: float
-    last_eval: dict
-    tokens_seen: int
-    seconds: float
-    tokens_per_s: float
-    mfu: float
-    run_dir: Path
-
-
-def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, task: Task) -> TrainResult:
-    """Train `model` on `task` for cfg.steps optimizer steps, writing everything under run_dir.
-
-    run_dir/checkpoints/ckpt_best.pth   lowest validation loss so far
-    run_dir/checkpoints/ckpt_last.pth   the latest state, for --resume
-    run_dir/metrics.jsonl               one line per step (and per evaluation)
-    run_dir/loss.svg                    the loss curves
-    run_dir/samples.txt                 generations at each evaluation
-    """
-    device = pick_device(cfg.device)
-    d = init_distributed(device)
-    if device.startswith("cuda") and d.world > 1:
-        device = f"cuda:{d.local_rank}"
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    last_path, best_path = ckpt_dir / "ckpt_last.pth", ckpt_dir / "ckpt_best.pth"
-    if cfg.micro_batch_size * d.world > cfg.batch_size:  # more processes: smaller slices, same global batch
+def split_batch(cfg: TrainConfig, d: Dist) -> tuple[TrainConfig, int]:
+    """(cfg, micro-batches per step per process). With more processes than the micro-batch allows,
+    each process takes a smaller slice of the same global batch."""
+    if cfg.micro_batch_size * d.world > cfg.batch_size:
         cfg = replace(cfg, micro_batch_size=cfg.batch_size // d.world)
     if cfg.batch_size % (cfg.micro_batch_size * d.world):
         raise ValueError(f"batch_size {cfg.batch_size} must split evenly into {d.world} processes x "
                          f"micro_batch_size {cfg.micro_batch_size}")
-    n_micro = cfg.batch_size // (cfg.micro_batch_size * d.world)
+    return cfg, cfg.batch_size // (cfg.micro_batch_size * d.world)
 
-    # 1. the model, its optimizer, and where to start from
-    model.to(device)
-    optimizer = make_optimizer(model, cfg)
-    start_step, best_val = 0, float("inf")
-    if cfg.resume:
-        ckpt = load_checkpoint(last_path, map_location=device)
-        load_state_checked(model, ckpt["model"], source=str(last_path))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step, best_val = ckpt["step"], ckpt.get("best_val_loss", float("inf"))
-        if d.is_main:
-            print(f"resuming {last_path} at step {start_step} (best val loss so far {best_val:.4f})")
-    elif d.is_main and last_path.exists():
-        print(f"note: {last_path} exists and will be overwritten (use --resume to continue it)")
-    raw_model = model  # the plain module: what we save, evaluate and sample from
+
+def wrap_model(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device: str) -> torch.nn.Module:
+    """The module the loop calls: compiled if asked, wrapped in DDP under torchrun."""
     if cfg.compile:
         model = torch.compile(model)
     if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+        from torch.nn.parallel import DistributedDataParallel  # (only under torchrun)
 
         model = DistributedDataParallel(model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
-    amp_dtype = autocast_dtype(cfg, device)
-    use_amp = amp_dtype != torch.float32
-
-    # 2. logs: keep earlier lines of a resumed run, drop those after the resume point
-    metrics_path = run_dir / "metrics.jsonl"
-    history: list[dict] = []
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and metrics_path.exists():
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            history = [h for h in history if h["step"] < start_step]
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-        if not cfg.resume:
-            (run_dir / "samples.txt").write_text("")
-
-    def log(row: dict) -> None:
-        history.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def checkpoint(step: int, path: Path) -> None:
-        save_checkpoint(path, {
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "best_val_loss": best_val, "train_config": asdict(cfg), **task.checkpoint_extra})
-
-    def evaluate_and_save(step: int) -> dict:
-        """Validation (rank 0), samples, and checkpoints; `step` = steps completed so far."""
-        nonlocal best_val
-        result: dict = {}
-        if d.is_main:
-            raw_model.eval()
-            with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=use_amp):
-                result = task.evaluate(raw_model)
-                texts = task.sample(raw_model) if task.sample and cfg.samples else []
-            raw_model.train()
-            log({"step": step, **result})
-            if texts:
-                with open(run_dir / "samples.txt", "a") as f:
-                    f.write(f"=== step {step} ===\n" + "\n---\n".join(texts) + "\n\n")
-            if result["val_loss"] < best_val:
-                best_val = result["val_loss"]
-                checkpoint(step, best_path)
-            checkpoint(step, last_path)
-            plot_history(history, run_dir / "loss.svg")
-        if d.world > 1:
-            dist.barrier()
-        return result
-
-    # 3. the loop
-    model.train()
-    tokens_seen, t0, last_eval = 0, time.time(), {}
-    completed = start_step  # optimizer steps done so far: what a checkpoint records as "step"
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not d.is_main,
-               desc=run_dir.name, dynamic_ncols=True)
-    try:
-        for step in bar:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            torch.manual_seed(cfg.seed + step)  # any randomness inside a step (dropout) is reproducible
-            step_loss, step_tokens, t_step = torch.zeros((), device=device), 0, time.time()
-            for micro in range(n_micro):
-                batch = task.make_batch(step, rows_for(step, micro, n_micro, cfg, d), device)
-                # only the last micro-batch all-reduces gradients across processes
-                sync = micro == n_micro - 1 or d.world == 1
-                ctx = model.no_sync() if not sync else nullcontext()
-                with ctx, torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=use_amp):
-                    loss = task.loss(model, batch)
-                    if not torch.isfinite(loss):
-                        good = f"{last_path}" if last_path.exists() else "none yet"
-                        raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint: {good}")
-                    (loss / n_micro).backward()
-                step_loss += loss.detach() / n_micro
-                step_tokens += task.count_tokens(batch) * d.world
-            if d.world > 1:  # log the loss of the whole global batch, not of rank 0's slice
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            step_loss = step_loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            completed = step + 1
-            tokens_seen += step_tokens
-            tok_per_s = step_tokens / max(time.time() - t_step, 1e-9)
-            if d.is_main:
-                log({"step": step, "loss": round(step_loss, 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                     "tokens_per_s": round(tok_per_s, 1)})
-                bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_per_s:,.0f}")
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                last_eval = evaluate_and_save(step + 1)
-                if d.is_main:
-                    extras = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float))
-                    bar.write(f"step {step + 1}: {extras}")
-    except KeyboardInterrupt:
-        if d.is_main:
-            checkpoint(completed, last_path)  # resume re-runs the step that was cut short
-            print(f"\ninterrupted: saved {last_path} after {completed} steps; continue with --resume")
-        raise
-    finally:
-        bar.close()
-    seconds = time.time() - t0
-    tok_s = tokens_seen / max(seconds, 1e-9)
-    peak = peak_flops(device)
-    mfu = task.flops_per_token * tok_s / peak if peak and task.flops_per_token else 0.0
-    if d.world > 1:
-        dist.destroy_process_group()
-    return TrainResult(step=cfg.steps, best_val_loss=best_val, last_eval=last_eval, tokens_seen=tokens_seen,
-                       seconds=seconds, tokens_per_s=tok_s, mfu=mfu, run_dir=run_dir)
+    return model
 
 
-def plot_history(history: list[dict], path: Path) -> None:
-    """The loss curves (train per step, validation per evaluation) as an SVG."""
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    write_svg(path, line_chart({"train": train, "val": val}, title=f"loss — {path.parent.name}",
-                               xlabel="step", ylabel="cross-entropy (nats/token)"))
+def peak_flops(device: str) -> float:
+    """The FLOP/s that MFU divides by: a GPU's data-sheet peak, or this CPU's measured matmul speed."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
+    return cpu_peak_flops()
+
+
+_CPU_PEAK: list[float] = []  # measured once per process
+
+
+def cpu_peak_flops(size: int = 1024, seconds: float = 0.5) -> float:
+    """fp32 FLOP/s of large matrix products on this CPU with the current torch threads.
+
+    A (size x size) @ (size x size) product costs 2 * size^3 FLOPs; we time as many as fit in
+    `seconds` after one warm-up. That is the best this CPU does on the densest work a model has,
+    so MFU = the model's useful FLOP/s divided by it.
+    """
+    if not _CPU_PEAK:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b  # warm-up: thread pool, caches
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+        _CPU_PEAK.append(2 * size**3 * n / (time.perf_counter() - start))
+    return _CPU_PEAK[0]

@@ -90,10 +90,10 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path):
     task = toy_task()
     before = task.evaluate(toy_model())["val_loss"]
     result = trainer.train(toy_model(), cfg(lr=0.1), tmp_path / "run", task)
-    assert result.best_val_loss < before / 2
+    assert result.best_value < before / 2
     for name in ["checkpoints/ckpt_best.pth", "checkpoints/ckpt_last.pth", "loss.svg", "metrics.jsonl"]:
         assert (tmp_path / "run" / name).exists(), name
-    assert result.best_val_loss < float("inf")
+    assert result.best_value < float("inf")
     assert "<polyline" in (tmp_path / "run" / "loss.svg").read_text()
 
 
@@ -182,3 +182,17 @@ def test_two_processes_equal_one(tmp_path):
     # rank 0 alone wrote the logs: one line per step, not two
     assert sorted(train_losses(tmp_path / "two")) == list(range(8))
     assert math.isclose(train_losses(tmp_path / "one")[7], train_losses(tmp_path / "two")[7], rel_tol=1e-3)
+
+
+def test_best_checkpoint_follows_the_chosen_metric(tmp_path):
+    """RL lessons keep the checkpoint with the highest held-out reward, not the lowest loss."""
+    task = toy_task()
+    scores = iter([0.5, 0.9, 0.2])  # evaluations at steps 3, 6 and 8: the second is the best
+
+    def evaluate(model):
+        return {**toy_task().evaluate(model), "reward": next(scores)}
+
+    task.evaluate, task.best_metric, task.higher_is_better = evaluate, "reward", True
+    result = trainer.train(toy_model(), cfg(), tmp_path / "run", task)
+    best = torch.load(tmp_path / "run" / "checkpoints" / "ckpt_best.pth", weights_only=False)
+    assert (best["step"], result.best_value, result.best_metric) == (6, 0.9, "reward")

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters import impl
+from nano.checkpoint import state_fingerprint
 from toy_models import ToyModel
 
 lora = impl("lora")
@@ -172,7 +173,7 @@ def test_merge_lora_gives_plain_linears_with_the_same_outputs():
 
 def test_adapter_save_load_round_trip(tmp_path):
     base = toy_model()
-    identity = {"model_config": {"d": 32, "n_layers": 2}, "checkpoint": lora.state_fingerprint(base.state_dict())}
+    identity = {"model_config": {"d": 32, "n_layers": 2}, "checkpoint": state_fingerprint(base.state_dict())}
     trained = copy.deepcopy(base)
     lora.inject_lora(trained, r=4, alpha=8, dropout=0.1, targets=["q_proj", "v_proj", "down_proj"])
     pretend_training(trained)
@@ -215,8 +216,8 @@ def test_adapter_for_another_base_is_refused(tmp_path):
 
 def test_state_fingerprint_tells_bases_apart():
     a, b = toy_model(seed=0), toy_model(seed=1)
-    assert lora.state_fingerprint(a.state_dict()) == lora.state_fingerprint(copy.deepcopy(a).state_dict())
-    assert lora.state_fingerprint(a.state_dict()) != lora.state_fingerprint(b.state_dict())
+    assert state_fingerprint(a.state_dict()) == state_fingerprint(copy.deepcopy(a).state_dict())
+    assert state_fingerprint(a.state_dict()) != state_fingerprint(b.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from adapters import impl
 from nano.checkpoint import save_checkpoint
-from nano.lora import inject_lora, save_adapter, state_fingerprint
+from nano.checkpoint import state_fingerprint
+from nano.lora import inject_lora, save_adapter
 from nano.paths import runs_dir
 
 model_mod = impl("model")
