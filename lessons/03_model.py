@@ -42,7 +42,8 @@ class ModelTourConfig:
     seed: int = field(default=0, metadata={"help": "random seed for the weights and the inputs"})
 
 
-# Gemma-2-2B's attention shape (REFERENCE.md section 1), for the KV-cache arithmetic at full scale
+# Gemma-2-2B's attention shape (its config.json on the Hugging Face Hub, google/gemma-2-2b), for the
+# KV-cache arithmetic at full scale
 GEMMA2_2B = dict(n_layers=26, n_heads=8, n_kv_heads=4, head_dim=256, d_model=2304)
 
 

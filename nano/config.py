@@ -31,6 +31,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
+from nano.fileio import write_json
 from nano.paths import CONFIGS_DIR
 
 C = TypeVar("C")
@@ -210,12 +211,7 @@ def print_config(cfg: Any) -> None:
 
 def save_config(cfg: Any, out_dir: str | Path, name: str = "config.json") -> Path:
     """Write the resolved config beside a run's outputs (rerun it with --config that file)."""
-    out = Path(out_dir) / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-    tmp.replace(out)
-    return out
+    return write_json(Path(out_dir) / name, config_to_dict(cfg))
 
 
 def pick_device(device: str = "auto") -> str:

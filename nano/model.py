@@ -10,7 +10,7 @@ attention scores (50) and logits (30), a sliding window on every other layer, mu
 (one key/value head shared by all query heads), and an LM head tied to the embedding.
 
 Paper: "Gemma 2: Improving Open Language Models at a Practical Size" (Gemma Team, 2024). The
-computation matches Hugging Face's `Gemma2ForCausalLM` (../shared/REFERENCE.md section 1) so that a
+computation matches Hugging Face's `Gemma2ForCausalLM` (transformers' models/gemma2/modeling_gemma2.py) so that a
 trained model exports to it with identical logits: our parameter names are Hugging Face's without
 the leading "model." (`layers.0.self_attn.q_proj.weight` <-> `model.layers.0.self_attn.q_proj.weight`).
 
@@ -82,7 +82,7 @@ PRESETS: dict[str, dict] = {
         head_dim=32, d_ff=384, sliding_window=64, query_pre_attn_scalar=32.0,
     ),
     # nano, ~19.8M parameters: the lesson docs' Gemma-2 Nano (GPU recommended, CPU possible).
-    # 8 query heads of 64 share one KV head, as the issue's kernel benchmark assumes; d_model = 8 * 64
+    # 8 query heads of 64 share one KV head (the shape bench/bench_attention.py measures); d_model = 8 * 64
     # keeps hidden_size % num_heads == 0, which recent transformers versions insist on.
     "nano": dict(
         vocab_size=4096, context_len=512, d_model=512, n_layers=6, n_heads=8, n_kv_heads=1,

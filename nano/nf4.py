@@ -9,7 +9,8 @@ Double quantization then squeezes the absmax values themselves to 8 bits, which 
 from 4.5 bits per parameter down to ~4.127.
 
 Paper: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (2023), section 3.
-Layout: ../shared/REFERENCE.md section 5 (check vectors there are tested in tests/test_07_nf4.py).
+Layout: bitsandbytes' (functional.py: create_normal_map, quantize_4bit); tests/test_07_nf4.py checks
+our bytes against vectors computed with it.
 
     state = quantize_nf4(torch.randn(1024, 1024), blocksize=64)
     w_hat = dequantize_nf4(state)                 # same shape, mean |w - w_hat| ~ 0.0728

@@ -15,6 +15,8 @@ import math
 from html import escape
 from pathlib import Path
 
+from nano.fileio import write_text
+
 WIDTH, HEIGHT = 640, 360
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 64, 120, 36, 48
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -117,9 +119,4 @@ def bar_chart(values: dict[str, float], title: str = "", ylabel: str = "", error
 
 def write_svg(path: str | Path, svg: str) -> Path:
     """Write an SVG atomically (a viewer never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(svg)
-    tmp.replace(path)
-    return path
+    return write_text(path, svg)

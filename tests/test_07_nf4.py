@@ -26,7 +26,7 @@ from toy_models import ToyModel
 
 nf4 = impl("nf4")
 
-# bitsandbytes' NF4 table (../shared/REFERENCE.md section 5), in index order
+# bitsandbytes' NF4 table (its functional.py, create_normal_map), in index order
 BNB_NF4 = [
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
