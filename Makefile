@@ -12,12 +12,18 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS       ?=
 # processes for distributed pretraining: make lesson-4 NPROC=2
 NPROC      ?= 1
+# one test by name for check-N (pytest -k): make check-1 K=merge
+K          ?=
+# one function for exercise-N: make exercise-2 FN=sft_batch
+FN         ?=
 
 # outputs that later lessons read; Make builds a missing one with the lesson that makes it
 RAW  := data/raw/manifest.json
 TOK  := data/tokenizer/tokenizer.json
 BINS := data/bins/meta.json
 BASE := runs/pretrain/default/checkpoints/ckpt_best.pth
+# lesson 5's fine-tuned model: where the reward model, DPO, GRPO and PPO (lessons 8-11) start
+SFT  := runs/sft/full/default/checkpoints/ckpt_best.pth
 
 .PHONY: help setup all test bench clean $(addprefix lesson-,0 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
 
@@ -45,6 +51,8 @@ $(BINS): $(TOK)
 	@$(call run_lesson,2,)
 $(BASE): $(BINS)
 	@$(call run_lesson,4,)
+$(SFT): $(BASE)
+	@$(call run_lesson,5,)
 
 lesson-0: setup ## data: the built-in corpus (or --source tinystories) into data/raw/
 	@$(call run_lesson,0,$(ARGS))
@@ -63,13 +71,13 @@ lesson-6: $(BASE) ## LoRA fine-tuning
 	@$(call run_lesson,6,$(ARGS))
 lesson-7: $(BASE) ## QLoRA fine-tuning on our own NF4
 	@$(call run_lesson,7,$(ARGS))
-lesson-8: $(BASE) ## reward model
+lesson-8: $(SFT) ## reward model
 	@$(call run_lesson,8,$(ARGS))
-lesson-9: $(BASE) ## DPO
+lesson-9: $(SFT) ## DPO
 	@$(call run_lesson,9,$(ARGS))
-lesson-10: $(BASE) ## GRPO
+lesson-10: $(SFT) ## GRPO
 	@$(call run_lesson,10,$(ARGS))
-lesson-11: $(BASE) ## PPO
+lesson-11: $(SFT) ## PPO
 	@$(call run_lesson,11,$(ARGS))
 lesson-12: $(BASE) ## evaluation of every stage side by side
 	@$(call run_lesson,12,$(ARGS))
@@ -90,10 +98,13 @@ test: setup ## run the whole test suite
 	$(PY) -m pytest -q
 
 # (not .PHONY: GNU make skips pattern rules for phony targets; no file is ever called check-N)
-check-%: setup ## one lesson's tests, e.g. make check-1 (tests/test_01_*.py)
+check-%: setup ## one lesson's tests: make check-1, or one test: make check-1 K=merge (pytest -k)
 	@files=$$(ls tests/test_$$(printf %02d $*)_*.py 2>/dev/null); \
 	if [ -z "$$files" ]; then echo "no tests for lesson $* yet (tests/test_$$(printf %02d $*)_*.py)"; exit 1; fi; \
-	$(PY) -m pytest -v $$files
+	$(PY) -m pytest -v $$files $(if $(K),-k "$(K)")
+
+exercise-%: setup ## a starting point for lesson N's module in exercises/ (FN=name: one function only)
+	@$(PY) tests/make_exercise.py $* $(if $(FN),--only $(FN))
 
 bench: setup ## speed benchmarks: tables measured side by side on this machine
 	@for b in bench/bench_*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done

@@ -36,10 +36,12 @@ import subprocess
 import sys
 import threading
 import time
+from itertools import accumulate
 from pathlib import Path
 
 from nano.paths import data_dir
-from nano.tokenizer import PATTERNS, SPECIAL_TOKENS, Tokenizer
+from nano.pretokenize import PATTERNS
+from nano.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 MB = 1_000_000
 SEPARATOR = "<|endoftext|>"
@@ -63,7 +65,7 @@ def zipf_text(path: Path, mb: float, seed: int = 0) -> None:
         if word not in seen:
             seen.add(word)
             lexicon.append(word)
-    cum_weights = list(__import__("itertools").accumulate(1.0 / (k + 1) for k in range(len(lexicon))))
+    cum_weights = list(accumulate(1.0 / (k + 1) for k in range(len(lexicon))))
     tmp = path.with_name(path.name + ".tmp")
     written = 0
     with open(tmp, "w", encoding="utf-8") as out:
@@ -94,10 +96,10 @@ def zipf_text(path: Path, mb: float, seed: int = 0) -> None:
 
 
 def stories_text(path: Path, mb: float, seed: int = 0) -> None:
-    """Write ~mb MB of lesson 0's built-in stories (nano/synthetic.py)."""
-    from nano import synthetic
+    """Write ~mb MB of lesson 0's built-in stories (nano/stories.py)."""
+    from nano import stories
 
-    synthetic.write_stories(path, seed=seed, n=math.ceil(mb * MB / 560), split="train")
+    stories.write_stories(path, seed=seed, n=math.ceil(mb * MB / 560), split="train")
 
 
 def prefix_file(source: Path, path: Path, mb: float) -> None:
@@ -141,6 +143,7 @@ def rss_mb() -> float:
 
 def hf_tokenizer(vocab_size: int):
     """A `tokenizers` byte-level BPE set up like ours: the nano pattern, then bytes -> symbols."""
+    # `tokenizers` is optional (not a dependency of nano), so it is imported only where it is used
     from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = HFTokenizer(models.BPE())
@@ -191,7 +194,7 @@ def run_child(task: str, args: argparse.Namespace) -> dict:
         tokens = sum(len(x) for x in ids)
         return {"batch_mb_s": nbytes / MB / batch_s, "single_mb_s": nbytes / MB / single_s, "bytes_per_token": nbytes / tokens}
     if task == "encode_hf":
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as HFTokenizer  # optional, see hf_tokenizer
 
         tok = HFTokenizer.from_file(args.hf_json)
         t0 = time.perf_counter()

@@ -8,10 +8,11 @@ Lesson 0: data. Write everything the later lessons read into data/raw/, offline 
     python lessons/00_data.py --gsm8k download                     # also fetch GSM8K for lesson 12
     python lessons/00_data.py --fast_dev_run                       # tiny counts, a smoke test
 
-Stories come from `--source`; conversations, TinyMath, preference pairs and RL prompts always come
-from the built-in generator (nano/synthetic.py), seeded by `--seed`. Each file is written to a
-temporary name and renamed when complete, and manifest.json is written last: its presence means
-lesson 0 finished. Run it again with the same arguments and it skips the work that is done.
+Stories come from `--source` (built in: nano/stories.py); TinyMath (nano/tinymath.py), conversations
+and preference pairs (nano/synthetic.py) and RL prompts always come from the built-in generator,
+seeded by `--seed`. Each file is written to a temporary name and renamed when complete, and
+manifest.json is written last: its presence means lesson 0 finished. Run it again with the same
+arguments and it skips the work that is done.
 The lesson doc is lessons/00_data.md; the tests are tests/test_00_data.py and tests/test_00_download.py.
 """
 
@@ -24,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from nano import paths, synthetic
+from nano import paths, stories, story_files, synthetic, tinymath, world
 from nano.config import config_to_dict, parse_config, print_config
 from nano.download import DownloadError, download, gsm8k_url, tinystories_url
+from nano.fileio import read_jsonl, write_json, write_jsonl
 
 MB = 1_000_000
 
@@ -80,39 +82,13 @@ def counts_of(cfg: DataConfig) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# writing files: always to NAME.tmp first, then rename (an interrupted run leaves no half file)
+# writing files: NAME.tmp first, then a rename (nano/fileio.py): an interrupted run leaves no half file
 # ---------------------------------------------------------------------------------------------
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> dict:
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    tmp.replace(path)
-    return {"count": count, "bytes": path.stat().st_size}
-
-
-def write_story_texts(path: Path, stories: Iterable[str], limit_bytes: int | None = None) -> dict:
-    """Write stories in TinyStoriesV2 format; stop before passing `limit_bytes` (None = all)."""
-    tmp = path.with_name(path.name + ".tmp")
-    count = size = 0
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for story in stories:
-            block = story + synthetic.STORY_SEPARATOR
-            n = len(block.encode("utf-8"))
-            if limit_bytes is not None and size + n > limit_bytes and count:
-                break
-            f.write(block)
-            count, size = count + 1, size + n
-    tmp.replace(path)
-    return {"count": count, "bytes": size}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def write_rows(path: Path, rows: Iterable[dict]) -> dict:
+    """Write a jsonl file; return what the manifest records of it: {"count", "bytes"}."""
+    return {"count": write_jsonl(path, rows), "bytes": path.stat().st_size}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,9 +100,9 @@ def step_stories(cfg: DataConfig, counts: dict, raw: Path) -> dict:
     train, val = raw / "stories_train.txt", raw / "stories_val.txt"
     if cfg.source == "synthetic":
         # validation first, then train stories skipping any that equals a validation story
-        val_info = synthetic.write_stories(val, cfg.seed, counts["val_stories"], "val", progress=False)
-        val_texts = frozenset(synthetic.read_stories(val))
-        train_info = synthetic.write_stories(train, cfg.seed, counts["stories"], "train", exclude=val_texts)
+        val_info = stories.write_stories(val, cfg.seed, counts["val_stories"], "val", progress=False)
+        val_texts = frozenset(story_files.read_stories(val))
+        train_info = stories.write_stories(train, cfg.seed, counts["stories"], "train", exclude=val_texts)
         return {val.name: val_info, train.name: train_info}
 
     limit = int(cfg.data_limit_mb * MB) if cfg.data_limit_mb > 0 else None
@@ -148,15 +124,15 @@ def step_stories(cfg: DataConfig, counts: dict, raw: Path) -> dict:
                                 "or a path to a TinyStories-format .txt file")
 
     if "valid" in files:
-        val_info = write_story_texts(val, _take(synthetic.iter_story_file(files["valid"]), counts["val_stories"]))
-        train_info = write_story_texts(train, synthetic.iter_story_file(files["train"]), limit)
+        val_info = story_files.write_story_file(val, _take(story_files.iter_story_file(files["valid"]), counts["val_stories"]))
+        train_info = story_files.write_story_file(train, story_files.iter_story_file(files["train"]), limit)
     else:
         # one file: its first val_stories stories are the validation split, the rest is train
-        stories = synthetic.iter_story_file(files["train"])
-        val_info = write_story_texts(val, _take(stories, counts["val_stories"]))
-        train_info = write_story_texts(train, stories, limit)
+        texts = story_files.iter_story_file(files["train"])
+        val_info = story_files.write_story_file(val, _take(texts, counts["val_stories"]))
+        train_info = story_files.write_story_file(train, texts, limit)
     if train_info["count"] == 0:
-        raise ValueError(f"--source {cfg.source}: found no train stories (stories are separated by {synthetic.STORY_END})")
+        raise ValueError(f"--source {cfg.source}: found no train stories (stories are separated by {story_files.STORY_END})")
     return {val.name: val_info, train.name: train_info}
 
 
@@ -174,23 +150,23 @@ def _fetch_tinystories(split: str, folder: Path, limit: int | None) -> Path:
     if limit is not None:  # a limited download is its own file: TinyStoriesV2-GPT4-train.first100MB.txt
         name = name.replace(".txt", f".first{limit / MB:g}MB.txt")
     print(f"  {url} -> {folder / name}")
-    return download(url, folder / name, limit_bytes=limit, cut_at=synthetic.STORY_END)
+    return download(url, folder / name, limit_bytes=limit, cut_at=story_files.STORY_END)
 
 
 def step_instructions(cfg: DataConfig, counts: dict, raw: Path) -> dict:
     val = synthetic.conversations(cfg.seed, counts["val_conversations"], "val")
     train = synthetic.conversations(cfg.seed, counts["conversations"], "train",
                                     exclude_prompts={c["messages"][0]["content"] for c in val})
-    return {"instructions_val.jsonl": write_jsonl(raw / "instructions_val.jsonl", val),
-            "instructions_train.jsonl": write_jsonl(raw / "instructions_train.jsonl", train)}
+    return {"instructions_val.jsonl": write_rows(raw / "instructions_val.jsonl", val),
+            "instructions_train.jsonl": write_rows(raw / "instructions_train.jsonl", train)}
 
 
 def step_tinymath(cfg: DataConfig, counts: dict, raw: Path) -> dict:
     # the test split first, so it depends only on the seed and its own size, then train without its questions
-    test = synthetic.tinymath_problems(cfg.seed, counts["tinymath_test"], "test")
-    train = synthetic.tinymath_problems(cfg.seed, counts["tinymath_train"], "train", exclude={p["question"] for p in test})
-    return {"tinymath_test.jsonl": write_jsonl(raw / "tinymath_test.jsonl", test),
-            "tinymath_train.jsonl": write_jsonl(raw / "tinymath_train.jsonl", train)}
+    test = tinymath.tinymath_problems(cfg.seed, counts["tinymath_test"], "test")
+    train = tinymath.tinymath_problems(cfg.seed, counts["tinymath_train"], "train", exclude={p["question"] for p in test})
+    return {"tinymath_test.jsonl": write_rows(raw / "tinymath_test.jsonl", test),
+            "tinymath_train.jsonl": write_rows(raw / "tinymath_train.jsonl", train)}
 
 
 def step_preferences(cfg: DataConfig, counts: dict, raw: Path) -> dict:
@@ -198,17 +174,17 @@ def step_preferences(cfg: DataConfig, counts: dict, raw: Path) -> dict:
     val = synthetic.preference_pairs(cfg.seed, counts["val_preferences"], "val", exclude_questions=test_questions)
     train = synthetic.preference_pairs(cfg.seed, counts["preferences"], "train", exclude_prompts={p["prompt"] for p in val},
                                        exclude_questions=test_questions)
-    return {"preferences_val.jsonl": write_jsonl(raw / "preferences_val.jsonl", val),
-            "preferences_train.jsonl": write_jsonl(raw / "preferences_train.jsonl", train)}
+    return {"preferences_val.jsonl": write_rows(raw / "preferences_val.jsonl", val),
+            "preferences_train.jsonl": write_rows(raw / "preferences_train.jsonl", train)}
 
 
 def step_rl_prompts(cfg: DataConfig, counts: dict, raw: Path) -> dict:
     # train: fresh problems, none of them a TinyMath test or train question; test: the first TinyMath test problems
     test_problems = read_jsonl(raw / "tinymath_test.jsonl")
     seen = {p["question"] for p in test_problems} | {p["question"] for p in read_jsonl(raw / "tinymath_train.jsonl")}
-    train = synthetic.tinymath_problems(cfg.seed, counts["rl_prompts"], "rl", exclude=seen)
-    return {"rl_prompts_test.jsonl": write_jsonl(raw / "rl_prompts_test.jsonl", synthetic.rl_prompts(test_problems[:counts["rl_test"]])),
-            "rl_prompts_train.jsonl": write_jsonl(raw / "rl_prompts_train.jsonl", synthetic.rl_prompts(train))}
+    train = tinymath.tinymath_problems(cfg.seed, counts["rl_prompts"], "rl", exclude=seen)
+    return {"rl_prompts_test.jsonl": write_rows(raw / "rl_prompts_test.jsonl", tinymath.rl_prompts(test_problems[:counts["rl_test"]])),
+            "rl_prompts_train.jsonl": write_rows(raw / "rl_prompts_train.jsonl", tinymath.rl_prompts(train))}
 
 
 GSM8K_HINT = ("leave out --gsm8k (lesson 12 then evaluates on TinyMath only), "
@@ -233,9 +209,9 @@ def step_gsm8k(cfg: DataConfig, counts: dict, raw: Path) -> dict:
     for split, path in sources.items():
         rows = read_jsonl(path)
         for i, row in enumerate(rows):
-            if "question" not in row or synthetic.final_answer(row.get("answer", "")) is None:
+            if "question" not in row or tinymath.final_answer(row.get("answer", "")) is None:
                 raise ValueError(f"{path} line {i + 1}: not GSM8K format (needs 'question' and an 'answer' ending in '#### N')")
-        out[f"gsm8k_{split}.jsonl"] = write_jsonl(raw / f"gsm8k_{split}.jsonl", rows)
+        out[f"gsm8k_{split}.jsonl"] = write_rows(raw / f"gsm8k_{split}.jsonl", rows)
     return out
 
 
@@ -258,26 +234,25 @@ def check_inputs(cfg: DataConfig) -> None:
                              "or a path that exists)")
 
 
+# the modules whose code decides the built-in data's bytes
+GENERATOR_MODULES = (world, stories, story_files, tinymath, synthetic)
+
+
 def run_arguments(cfg: DataConfig) -> dict:
     """What makes two runs the same: every field but `force`, and the generator's code.
 
-    The generator's fingerprint (a hash of nano/synthetic.py) is part of it, so editing the generator
-    and rerunning regenerates the data instead of keeping what the old code wrote.
+    The generator's fingerprint (a hash of the GENERATOR_MODULES' source) is part of it, so editing
+    the generator and rerunning regenerates the data instead of keeping what the old code wrote.
     """
     args = config_to_dict(cfg)
     args.pop("force")
-    args["generator"] = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:12]
+    source = b"".join(Path(module.__file__).read_bytes() for module in GENERATOR_MODULES)
+    args["generator"] = hashlib.sha256(source).hexdigest()[:12]
     return args
 
 
 def _files_intact(raw: Path, files: dict) -> bool:
     return all((raw / name).is_file() and (raw / name).stat().st_size == info["bytes"] for name, info in files.items())
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -327,13 +302,13 @@ def main(argv: list[str] | None = None) -> dict:
             written = step(cfg, counts, raw)
         except (DownloadError, FileNotFoundError, ValueError) as e:  # bad input or no network: one clear line
             if previous is not None and _files_intact(raw, previous["files"]):
-                _write_json(manifest_path, previous)  # nothing was overwritten: the earlier data stays usable
+                write_json(manifest_path, previous)  # nothing was overwritten: the earlier data stays usable
                 raise SystemExit(f"error: {e}\n(data/raw still holds the earlier, complete data)") from None
             raise SystemExit(f"error: {e}") from None
         seconds.update({file: time.time() - t0 for file in written})
         files.update(written)
         progress["done"][name] = written
-        _write_json(progress_path, progress)
+        write_json(progress_path, progress)
 
     # 3. the manifest last: its presence tells later lessons (and `make`) that lesson 0 is complete
     manifest = {
@@ -341,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gsm8k": bool(cfg.gsm8k), "files": files, "seconds": round(time.time() - start, 2),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    _write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     progress_path.unlink(missing_ok=True)
 
     print_summary(files, seconds, raw)
@@ -372,7 +347,7 @@ def _short(text: str, limit: int = 400) -> str:
 
 def print_samples(raw: Path) -> None:
     print("--- a validation story ---")
-    print(next(synthetic.iter_story_file(raw / "stories_val.txt"), "(none)"))
+    print(next(story_files.iter_story_file(raw / "stories_val.txt"), "(none)"))
     conversations = read_jsonl(raw / "instructions_train.jsonl")
     if conversations:
         conv = conversations[0]

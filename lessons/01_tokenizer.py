@@ -22,12 +22,14 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nano.bins import read_jsonl
 from nano.config import config_to_dict, parse_config, print_config
+from nano.fileio import read_jsonl, write_json, write_text
 from nano.paths import raw_dir, require, tokenizer_dir
-from nano.tokenizer import PATTERNS, SPECIAL_TOKENS, Tokenizer
+from nano.pretokenize import PATTERNS
+from nano.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 MB = 1_000_000
+RERUN_LESSON_0 = "re-run `make lesson-0`"  # what to do about a broken line in lesson 0's files
 
 
 @dataclass
@@ -66,15 +68,13 @@ def write_sft_text(raw: Path, out_path: Path) -> Path:
     bytes. Later lessons train on this text, so the tokenizer should know it too.
     """
     documents = []
-    for row in read_jsonl(require(raw / "instructions_train.jsonl", "instruction conversations", 0)):
+    for row in read_jsonl(require(raw / "instructions_train.jsonl", "instruction conversations", 0), RERUN_LESSON_0):
         documents += [message["content"] for message in row["messages"]]
-    for problem in read_jsonl(require(raw / "tinymath_train.jsonl", "TinyMath problems", 0)):
+    for problem in read_jsonl(require(raw / "tinymath_train.jsonl", "TinyMath problems", 0), RERUN_LESSON_0):
         documents.append(f"{problem['question']}\n{problem['answer']}")
     text = "\n\n".join(documents) + "\n"
     if not out_path.exists() or out_path.read_text(encoding="utf-8") != text:  # unchanged: keep its mtime, so a rerun skips
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out_path)
+        write_text(out_path, text)
     return out_path
 
 
@@ -152,9 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.time() - start
         tok.save(out_path)
         meta = dict(wanted, seconds=round(seconds, 2), fingerprint=tok.fingerprint(), vocab_size=tok.vocab_size)
-        tmp = meta_path.with_name(meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(meta_path)
+        write_json(meta_path, meta)
         print(f"trained in {seconds:.1f} s; saved {out_path} (fingerprint {tok.fingerprint()})")
         if tok.vocab_size < cfg.vocab_size:
             print(f"note: the corpus ran out of pairs to merge, so the vocabulary has {tok.vocab_size} tokens, not "

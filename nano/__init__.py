@@ -2,17 +2,25 @@
 nano: the whole life of a small Gemma-2-style language model, one concept per module.
 
     paths.py            where every lesson reads and writes
+    fileio.py           files written atomically (no half-written file after a crash), jsonl
     config.py           dataclass defaults + --config files + --field flags
-    synthetic.py        the built-in offline corpus (stories, conversations, TinyMath, preferences)
+    world.py            the small world of the built-in data: seeded streams, children and pets, places
+    story_files.py      the TinyStories file format: write, stream and read story files
+    stories.py          the built-in stories: cast, plots, generate_story
+    tinymath.py         TinyMath word problems, the "#### N" answer line, arithmetic drills
+    synthetic.py        conversations and preference pairs, built from stories and TinyMath
     download.py         opt-in downloads (TinyStories, GSM8K) with resume
+    pretokenize.py      text -> pre-tokens (regex patterns, special tokens) and their counts over a corpus
     tokenizer.py        byte-level BPE: training, encoding, decoding
+    workers.py          one process pool: map a function over batches, in order, in worker processes
     chat_format.py      Gemma chat turns -> token ids + the mask of tokens to train on
     bins.py             token bins on disk and the batches read from them
     model.py            Gemma-2 Nano (multi-query attention, soft-caps, sandwich norms)
     attention.py        the readable reference attention and the dispatcher
     flash_attention.py  the fused Triton attention kernel (forward + backward)
-    checkpoint.py       atomic checkpoints, load_model()
+    checkpoint.py       atomic checkpoints, load_model(), model identity (fingerprints, load_tokenizer)
     trainer.py          the one training loop every lesson shares
+    val_loss.py         validation loss and bits per byte on held-out text
     plot.py             hand-written SVG line and bar charts
     sft.py              supervised fine-tuning: what lessons 5, 6 and 7 share
     nf4.py / lora.py    4-bit NormalFloat quantization and low-rank adapters

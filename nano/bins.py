@@ -24,28 +24,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
-import os
 import time
-from collections import deque
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from nano.chat_format import encode_text, render_conversation, render_prompt, render_response, special_id
+from nano.fileio import atomic_open, read_jsonl, write_json
+from nano.model import IGNORE_INDEX  # the target the loss skips (-100, torch's default)
 from nano.paths import bins_dir as default_bins_dir
 from nano.paths import require
+from nano.story_files import iter_story_file
+from nano.tinymath import arithmetic_drills, tinymath_conversation
+from nano.workers import map_batches  # fn(tokenizer, batch) for each batch, in worker processes
 
 TOKEN_DTYPE = np.uint16  # 2 bytes a token: half of int32, and enough for any vocab up to 65,536
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1  # 65536
 MASK_DTYPE = np.uint8
-IGNORE_INDEX = -100  # the target value cross_entropy skips (torch's default ignore_index)
-STORY_SEPARATOR = "<|endoftext|>"  # TinyStories' separator, kept by lesson 0's generator
 META_NAME = "meta.json"
+STORIES_PER_BATCH = 512  # stories a worker process encodes at a time
+RAW_HINT = "re-run `make lesson-0`"  # what to do about a raw file that cannot be read
 FORMAT_VERSION = 2  # bump when the layout of the files, or what goes into them, changes: old bins are then rebuilt
 
 # The raw files lesson 0 writes (see the common contracts), by the part of lesson 2 that reads them.
@@ -72,17 +75,7 @@ def check_vocab_fits(tokenizer) -> None:
 
 
 # -----------------------------------------------------------------------------
-# small helpers: atomic files, hashing, reading jsonl
-
-
-def _tmp(path: Path) -> Path:
-    """Where a file is written before the rename that makes it appear whole (no half-written bins)."""
-    return path.with_name(path.name + ".tmp")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _tmp(path).write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(_tmp(path), path)
+# small helpers: hashing inputs, batching
 
 
 def _file_digest(path: Path) -> dict:
@@ -94,93 +87,20 @@ def _file_digest(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()[:16]}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """One dict per non-empty line; a bad line is an error naming the file and line number."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({e}) — re-run `make lesson-0`") from None
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# encoding in worker processes
-
-
-_worker_tokenizer = None  # each worker process keeps its own copy (set once by _init_worker)
-
-
-def _init_worker(tokenizer) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
-
-
-def _run_in_worker(fn: Callable, batch: list) -> Any:
-    return fn(_worker_tokenizer, batch)
-
-
-def map_batches(fn: Callable, batches: Iterable[list], tokenizer, num_workers: int) -> Iterator[Any]:
-    """Yield fn(tokenizer, batch) for each batch, in input order, computed by `num_workers` processes.
-
-    BPE encoding is pure Python and single-threaded, so processes (not threads) give the speed-up.
-    At most 2 batches per worker are in flight, so memory stays flat however big the input is.
-    num_workers <= 1 runs everything here (easier to debug, and no start-up cost for tiny inputs).
-    """
-    if num_workers <= 1:
-        for batch in batches:
-            yield fn(tokenizer, batch)
-        return
-    # fork: the workers inherit the tokenizer (and its cache) instead of unpickling it
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
-        in_flight: deque = deque()
-        for batch in batches:
-            in_flight.append(pool.apply_async(_run_in_worker, (fn, batch)))
-            if len(in_flight) >= 2 * num_workers:
-                yield in_flight.popleft().get()
-        while in_flight:
-            yield in_flight.popleft().get()
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items, the last one shorter: [1, 2, 3, 4, 5], 2 -> [1, 2], [3, 4], [5]."""
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # -----------------------------------------------------------------------------
 # 1. pretraining bins: stories -> <bos> story <eos> -> one flat uint16 file
-
-
-def iter_story_batches(path: Path, stories_per_batch: int = 512, chunk_chars: int = 1 << 20) -> Iterator[tuple[list[str], int]]:
-    """Stream the stories of a TinyStories-format file in batches: ([story, ...], bytes read since the last batch).
-
-    "Once upon a time.\\n<|endoftext|>\\nThe end.\\n<|endoftext|>\\n" -> (["Once upon a time.", "The end."], 55)
-
-    Stories are stripped of the newlines around the separator; empty ones are dropped. The file
-    is read in chunks, so memory does not grow with its size.
-    """
-    batch: list[str] = []
-    bytes_read = 0
-    pending = ""  # text after the last separator seen: the start of a story not finished yet
-    with open(path, encoding="utf-8") as f:
-        while True:
-            chunk = f.read(chunk_chars)
-            bytes_read += len(chunk.encode("utf-8"))
-            pieces = (pending + chunk).split(STORY_SEPARATOR)
-            # subtle: the last piece may be a story (or a separator) cut by the chunk boundary, so it
-            # waits for the next chunk; at the end of the file (empty chunk) it is a story like the others
-            pending = pieces.pop() if chunk else ""
-            for piece in pieces:
-                story = piece.strip()
-                if story:
-                    batch.append(story)
-                if len(batch) >= stories_per_batch:
-                    yield batch, bytes_read
-                    batch, bytes_read = [], 0
-            if not chunk:
-                break
-    if batch or bytes_read:
-        yield batch, bytes_read
 
 
 def encode_story(tokenizer, story: str) -> list[int]:
@@ -202,49 +122,24 @@ def write_pretrain_bin(text_path: Path, out_path: Path, tokenizer, num_workers: 
     check_vocab_fits(tokenizer)
     counts = {"stories": 0, "tokens": 0}
 
-    def batches():  # counts stories as they are read, in the main process
-        for stories, nbytes in iter_story_batches(text_path):
+    def batches():  # streams the file (nano/story_files.py) and counts stories as they are read
+        for stories in _batched(iter_story_file(text_path, on_read=bar.update), STORIES_PER_BATCH):
             counts["stories"] += len(stories)
-            bar.update(nbytes)
             yield stories
 
     total_bytes = text_path.stat().st_size
-    with open(_tmp(out_path), "wb") as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"encode {text_path.name}") as bar:
+    with atomic_open(out_path, "wb") as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"encode {text_path.name}") as bar:
         for ids in map_batches(_encode_story_batch, batches(), tokenizer, num_workers):
             out.write(ids.tobytes())
             counts["tokens"] += len(ids)
+        if counts["stories"] == 0:  # (raised inside the block: no empty out_path is left behind)
+            raise ValueError(f"{text_path} holds no stories — {RAW_HINT}")
         if extra_documents:
             ids = _encode_story_batch(tokenizer, list(extra_documents))
             out.write(ids.tobytes())
             counts["tokens"] += len(ids)
             counts["extra_documents"] = len(extra_documents)
-    if counts["stories"] == 0:
-        _tmp(out_path).unlink()
-        raise ValueError(f"{text_path} holds no stories — re-run `make lesson-0`")
-    os.replace(_tmp(out_path), out_path)
     return counts
-
-
-def arithmetic_drills(repeats: int, seed: int = 0, lines_per_document: int = 20) -> list[str]:
-    """Every sum, difference and product a TinyMath solution can write, as drill documents.
-
-    The facts: a + b for a <= 60, b <= 20; a - b for 0 < b < a <= 60; a * b for 2..6 times 2..10
-    (about 3,000 lines such as "So 17 + 5 = 22."). Each fact appears `repeats` times, shuffled, cut into
-    documents of `lines_per_document` lines. Why: in the word problems each fact shows up a handful
-    of times, too rarely for a tiny model to learn it in a few hundred steps; a times table in the
-    pretraining mix is the cheapest way to teach it (children drill it too). None of this text is a
-    TinyMath question, so the held-out test stays unseen.
-
-    Why "So " in front: with GPT-2's pattern a number keeps its leading space, so " 17" is one token
-    but "17" at the start of a line is two ("1", "7"). In a solution every operand follows a space
-    ("so he has 17 + 5 = 22"); a bare "17 + 5 = 22" line would drill a different spelling of 17.
-    """
-    facts = [f"So {a} + {b} = {a + b}." for a in range(1, 61) for b in range(1, 21)]
-    facts += [f"So {a} - {b} = {a - b}." for a in range(2, 61) for b in range(1, a)]
-    facts += [f"So {a} * {b} = {a * b}." for a in range(2, 7) for b in range(2, 11)]
-    rng = np.random.default_rng(seed)
-    lines = [facts[i] for _ in range(repeats) for i in rng.permutation(len(facts))]
-    return ["\n".join(lines[i : i + lines_per_document]) for i in range(0, len(lines), lines_per_document)]
 
 
 # -----------------------------------------------------------------------------
@@ -252,18 +147,14 @@ def arithmetic_drills(repeats: int, seed: int = 0, lines_per_document: int = 20)
 
 
 class RaggedWriter:
-    """Append sequences (and optional masks) to `{name}.ids.bin` (+ `.mask.bin`); offsets to `{name}.idx.npy`.
+    """Append sequences (and optional masks) to open files; the offsets of each sequence are kept.
 
     Sequence i is ids[idx[i]:idx[i+1]]: add([5, 6]) then add([7]) -> ids [5, 6, 7], idx [0, 2, 3].
-    Nothing appears under its final name before commit().
+    Made by `ragged_writer`, which names the files and writes the offsets at the end.
     """
 
-    def __init__(self, out_dir: Path, name: str, with_mask: bool):
-        self.paths = {"ids": out_dir / f"{name}.ids.bin", "idx": out_dir / f"{name}.idx.npy"}
-        if with_mask:
-            self.paths["mask"] = out_dir / f"{name}.mask.bin"
-        self.ids_file = open(_tmp(self.paths["ids"]), "wb")
-        self.mask_file = open(_tmp(self.paths["mask"]), "wb") if with_mask else None
+    def __init__(self, ids_file: BinaryIO, mask_file: BinaryIO | None = None):
+        self.ids_file, self.mask_file = ids_file, mask_file
         self.offsets = [0]
 
     def add(self, ids: Sequence[int], mask: Sequence[int] | None = None) -> None:
@@ -273,15 +164,27 @@ class RaggedWriter:
             self.mask_file.write(np.asarray(mask, dtype=MASK_DTYPE).tobytes())
         self.offsets.append(self.offsets[-1] + len(ids))
 
-    def commit(self) -> dict:
-        self.ids_file.close()
-        if self.mask_file is not None:
-            self.mask_file.close()
-        with open(_tmp(self.paths["idx"]), "wb") as f:
-            np.save(f, np.asarray(self.offsets, dtype=np.int64))
-        for path in self.paths.values():
-            os.replace(_tmp(path), path)
+    @property
+    def counts(self) -> dict:
         return {"sequences": len(self.offsets) - 1, "tokens": self.offsets[-1]}
+
+
+@contextmanager
+def ragged_writer(out_dir: Path, name: str, with_mask: bool) -> Iterator[RaggedWriter]:
+    """`{name}.ids.bin` (+ `{name}.mask.bin`) and `{name}.idx.npy` in `out_dir`, written by a RaggedWriter.
+
+        with ragged_writer(out_dir, "sft_train", with_mask=True) as writer:
+            writer.add(ids, mask)
+
+    Every file goes through atomic_open: none appears under its final name unless the block ends
+    without an error (then their .tmp files are removed).
+    """
+    with (atomic_open(out_dir / f"{name}.ids.bin", "wb") as ids_file,
+          atomic_open(out_dir / f"{name}.mask.bin", "wb") if with_mask else nullcontext() as mask_file):
+        writer = RaggedWriter(ids_file, mask_file)
+        yield writer
+        with atomic_open(out_dir / f"{name}.idx.npy", "wb") as f:
+            np.save(f, np.asarray(writer.offsets, dtype=np.int64))
 
 
 class RaggedBin:
@@ -327,14 +230,6 @@ def _memmap(path: Path, dtype) -> np.ndarray:
 # 2. SFT bins: conversations -> ids + loss mask
 
 
-def tinymath_conversation(problem: dict) -> list[dict]:
-    """A TinyMath problem as a chat: the user asks the question, the assistant gives the worked answer."""
-    return [
-        {"role": "user", "content": problem["question"]},
-        {"role": "assistant", "content": problem["answer"]},
-    ]
-
-
 def split_tinymath(problems: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
     """(train, val): the last `val_fraction` of tinymath_train.jsonl is held out for SFT validation.
 
@@ -359,17 +254,16 @@ def _render_conversation_batch(tokenizer, conversations: list[tuple[str, list[di
 
 def write_sft_bins(conversations: list[tuple[str, list[dict]]], out_dir: Path, name: str, tokenizer, num_workers: int = 1) -> dict:
     """Render (source, messages) pairs with the chat format and store ids + masks under `name`."""
-    writer = RaggedWriter(out_dir, name, with_mask=True)
     trained = 0
     batches = [conversations[i : i + 256] for i in range(0, len(conversations), 256)]
-    with tqdm(total=len(conversations), unit="conv", desc=f"render {name}") as bar:
+    with (ragged_writer(out_dir, name, with_mask=True) as writer,
+          tqdm(total=len(conversations), unit="conv", desc=f"render {name}") as bar):
         for rendered in map_batches(_render_conversation_batch, batches, tokenizer, num_workers):
             for ids, mask in rendered:
                 writer.add(ids, mask)
                 trained += sum(mask)
             bar.update(len(rendered))
-    counts = writer.commit()
-    return {"conversations": counts["sequences"], "tokens": counts["tokens"], "trained_tokens": trained}
+    return {"conversations": writer.counts["sequences"], "tokens": writer.counts["tokens"], "trained_tokens": trained}
 
 
 # -----------------------------------------------------------------------------
@@ -378,27 +272,29 @@ def write_sft_bins(conversations: list[tuple[str, list[dict]]], out_dir: Path, n
 
 def write_preference_bins(pairs: list[dict], out_dir: Path, name: str, tokenizer) -> dict:
     """Prompt ids (render_prompt of the user message) and the chosen / rejected replies (+ <end_of_turn>)."""
-    writers = {part: RaggedWriter(out_dir, f"{name}.{part}", with_mask=False) for part in ("prompt", "chosen", "rejected")}
     flaws = []
-    for pair in tqdm(pairs, unit="pair", desc=f"render {name}"):
-        writers["prompt"].add(render_prompt([{"role": "user", "content": pair["prompt"]}], tokenizer))
-        writers["chosen"].add(render_response(pair["chosen"], tokenizer))
-        writers["rejected"].add(render_response(pair["rejected"], tokenizer))
-        flaws.append(pair.get("flaw", ""))
-    _write_json(out_dir / f"{name}.flaws.json", flaws)
-    counts = {part: w.commit()["tokens"] for part, w in writers.items()}
-    return {"pairs": len(pairs), **{f"{part}_tokens": n for part, n in counts.items()}}
+    with (ragged_writer(out_dir, f"{name}.prompt", with_mask=False) as prompt,
+          ragged_writer(out_dir, f"{name}.chosen", with_mask=False) as chosen,
+          ragged_writer(out_dir, f"{name}.rejected", with_mask=False) as rejected):
+        for pair in tqdm(pairs, unit="pair", desc=f"render {name}"):
+            prompt.add(render_prompt([{"role": "user", "content": pair["prompt"]}], tokenizer))
+            chosen.add(render_response(pair["chosen"], tokenizer))
+            rejected.add(render_response(pair["rejected"], tokenizer))
+            flaws.append(pair.get("flaw", ""))
+    write_json(out_dir / f"{name}.flaws.json", flaws)
+    writers = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"pairs": len(pairs), **{f"{part}_tokens": w.counts["tokens"] for part, w in writers.items()}}
 
 
 def write_rl_bins(prompts: list[dict], out_dir: Path, name: str, tokenizer) -> dict:
     """Prompt ids ready for generation, and beside them the answer a reply is checked against."""
-    writer = RaggedWriter(out_dir, name, with_mask=False)
     answers = []
-    for row in prompts:
-        writer.add(render_prompt([{"role": "user", "content": row["prompt"]}], tokenizer))
-        answers.append({"answer": str(row["answer"]), "prompt": row["prompt"], "source": row.get("source", "")})
-    _write_json(out_dir / f"{name}.answers.json", answers)
-    return {"prompts": len(prompts), "tokens": writer.commit()["tokens"]}
+    with ragged_writer(out_dir, name, with_mask=False) as writer:
+        for row in prompts:
+            writer.add(render_prompt([{"role": "user", "content": row["prompt"]}], tokenizer))
+            answers.append({"answer": str(row["answer"]), "prompt": row["prompt"], "source": row.get("source", "")})
+    write_json(out_dir / f"{name}.answers.json", answers)
+    return {"prompts": len(prompts), "tokens": writer.counts["tokens"]}
 
 
 # -----------------------------------------------------------------------------
@@ -452,7 +348,7 @@ def build_bins(
     # arithmetic drills. The built-in stories hold no digit at all, so without them the number
     # embeddings reach SFT untrained and the model cannot even copy a number from the question.
     # Real pretraining corpora mix such text in for the same reason. val.bin stays stories only.
-    tinymath_train, tinymath_val = split_tinymath(read_jsonl(raw / "tinymath_train.jsonl"), tinymath_val_fraction)
+    tinymath_train, tinymath_val = split_tinymath(read_jsonl(raw / "tinymath_train.jsonl", RAW_HINT), tinymath_val_fraction)
     pretrain = {}
     for split in SPLITS["pretrain"]:
         extra = []
@@ -466,7 +362,7 @@ def build_bins(
     sft = {}
     for split, tinymath in (("train", tinymath_train), ("val", tinymath_val)):
         instructions_path = raw / f"instructions_{split}.jsonl"
-        conversations = [(f"{instructions_path.name}:{i + 1}", row["messages"]) for i, row in enumerate(read_jsonl(instructions_path))]
+        conversations = [(f"{instructions_path.name}:{i + 1}", row["messages"]) for i, row in enumerate(read_jsonl(instructions_path, RAW_HINT))]
         n_instructions = len(conversations)
         conversations += [(f"tinymath_train.jsonl id {p.get('id')}", tinymath_conversation(p)) for p in tinymath]
         sft[split] = write_sft_bins(conversations, out, f"sft_{split}", tokenizer, num_workers)
@@ -476,12 +372,12 @@ def build_bins(
     # 3. preferences and 4. RL prompts
     preferences = {}
     for split in SPLITS["preferences"]:
-        preferences[split] = write_preference_bins(read_jsonl(raw / f"preferences_{split}.jsonl"), out, f"pref_{split}", tokenizer)
+        preferences[split] = write_preference_bins(read_jsonl(raw / f"preferences_{split}.jsonl", RAW_HINT), out, f"pref_{split}", tokenizer)
         files += [f"pref_{split}.{p}.{s}" for p in ("prompt", "chosen", "rejected") for s in ("ids.bin", "idx.npy")]
         files.append(f"pref_{split}.flaws.json")
     rl = {}
     for split in SPLITS["rl"]:
-        rl[split] = write_rl_bins(read_jsonl(raw / f"rl_prompts_{split}.jsonl"), out, f"rl_{split}", tokenizer)
+        rl[split] = write_rl_bins(read_jsonl(raw / f"rl_prompts_{split}.jsonl", RAW_HINT), out, f"rl_{split}", tokenizer)
         files += [f"rl_{split}.ids.bin", f"rl_{split}.idx.npy", f"rl_{split}.answers.json"]
 
     # 5. meta.json last: its presence says every file above is complete
@@ -498,7 +394,7 @@ def build_bins(
         "files": files,
         "seconds": round(time.time() - start, 1),
     }
-    _write_json(meta_path, meta)
+    write_json(meta_path, meta)
     return meta, True
 
 

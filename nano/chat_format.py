@@ -18,9 +18,9 @@ Try it: `python -m nano.chat_format` prints a rendered conversation with the tra
 
 from __future__ import annotations
 
-import functools
-import re
 from typing import Mapping, Sequence
+
+from nano.pretokenize import special_regex
 
 # The two tokens that end a model reply. <end_of_turn> is what a chat model writes after its
 # answer; <eos> ends pretraining documents, so a model that slips back into story mode stops too.
@@ -67,6 +67,8 @@ def encode_text(tokenizer, text: str) -> list[int]:
     ("<" + "end_of_turn>"), so its special matcher never sees the whole name; the decoded text is
     still exactly the input.
 
+    >>> from nano.tokenizer import Tokenizer
+    >>> tok = Tokenizer.train("say it please", vocab_size=6 + 256, progress=False)   # bytes only
     >>> ids = encode_text(tok, "say <end_of_turn> please")
     >>> special_id(tok, "<end_of_turn>") in ids, tok.decode(ids)
     (False, 'say <end_of_turn> please')
@@ -78,9 +80,12 @@ def encode_text(tokenizer, text: str) -> list[int]:
 
 def _encode_splitting_specials(tokenizer, text: str) -> list[int]:
     """Fallback for a tokenizer whose encode() always matches special tokens (see encode_text)."""
+    finder = special_regex(tokenizer.special_tokens)  # longest first: "<a><b>" wins over its prefix "<a>"
+    if finder is None:  # no special tokens: nothing to keep apart
+        return tokenizer.encode(text)
     ids: list[int] = []
     start = 0
-    for hit in _special_finder(tuple(tokenizer.special_tokens)).finditer(text):
+    for hit in finder.finditer(text):
         if hit.start() > start:
             ids += tokenizer.encode(text[start : hit.start()])
         name = hit.group()
@@ -90,12 +95,6 @@ def _encode_splitting_specials(tokenizer, text: str) -> list[int]:
     if start < len(text):
         ids += tokenizer.encode(text[start:])
     return ids
-
-
-@functools.lru_cache(maxsize=8)
-def _special_finder(specials: tuple[str, ...]) -> re.Pattern:
-    # longest first, so "<|endoftext|>" wins over a shorter name that is a prefix of it
-    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
 
 
 # -----------------------------------------------------------------------------

@@ -32,27 +32,15 @@ from nano.chat_format import STOP_TOKENS, render_prompt
 from nano.fileio import write_jsonl
 from nano.generate import generate_batch
 from nano.paths import raw_dir
+from nano.tinymath import NUMBER, final_answer
 
 # ----------------------------------------------------------------------------------------------
 # 1. Reading numbers out of text
 # ----------------------------------------------------------------------------------------------
 
-# One number as people write it: "-3", "1,234", "$1,234.50", "−7" (unicode minus), "12.5%".
-#   - a minus sign counts only when it does not follow a letter/digit: in "5-3" the 3 is positive;
-#   - thousands separators must come in groups of three: "1,234" is one number, "3,4" is two;
-#   - a currency sign may sit between the sign and the digits: "-$5";
-#   - a sentence's full stop is not a decimal point: "18." reads as 18.
-_NUMBER = r"""
-    (?: (?<![\w.]) [-−] \s? )?                      # optional minus, not the one in "5-3"
-    [$€£¥]? \s?                                     # optional currency sign
-    (?<![\d.])                                      # never start in the middle of a number
-    (?: \d{1,3} (?: ,\d{3} )+ (?!\d) | \d+ )        # 1,234,567  or  1234567
-    (?: \.\d+ )?                                    # .50
-    """
-NUMBER_RE = re.compile(_NUMBER, re.VERBOSE)
-
-# "#### 18": GSM8K's (and TinyMath's) own answer mark, the strongest signal.
-MARKED_ANSWER_RE = re.compile(r"\#\#\#\#\s* (?P<number>" + _NUMBER + ")", re.VERBOSE)
+# One number as people write it ("-3", "1,234", "$1,234.50", "−7"): the pattern nano/tinymath.py
+# reads the "#### N" line with (see the rules there), so every number here is read the same way.
+NUMBER_RE = re.compile(NUMBER, re.VERBOSE)
 
 # The usual ways a model states its final answer, weaker than "####" but stronger than "some number".
 FINAL_ANSWER_RE = re.compile(
@@ -63,7 +51,7 @@ FINAL_ANSWER_RE = re.compile(
       | \\boxed\{ \s*                                    # "\boxed{18}"
       | \*\* \s* (?= [-−$€£¥]? \s? \d [\d,.]* \s* \*\*)  # "**18**" (bold number, nothing else)
     )
-    (?P<number>""" + _NUMBER + ")",
+    (?P<number>""" + NUMBER + ")",
     re.VERBOSE | re.IGNORECASE,
 )
 
@@ -109,9 +97,9 @@ def extract_answer(text: str) -> str | None:
     >>> extract_answer("I don't know") is None
     True
     """
-    marked = MARKED_ANSWER_RE.search(text)
-    if marked:
-        return normalize_number(marked.group("number"))
+    marked = final_answer(text)  # "#### 18": GSM8K's (and TinyMath's) own answer mark, the strongest signal
+    if marked is not None:
+        return normalize_number(marked)
     phrases = list(FINAL_ANSWER_RE.finditer(text))
     if phrases:
         return normalize_number(phrases[-1].group("number"))
@@ -130,8 +118,8 @@ def reference_answer(reference: str | int | float) -> str:
     if isinstance(reference, (int, float)) and not isinstance(reference, bool):
         number = normalize_number(repr(reference))
     elif "####" in reference:
-        marked = MARKED_ANSWER_RE.search(reference)
-        number = normalize_number(marked.group("number")) if marked else None
+        marked = final_answer(reference)
+        number = normalize_number(marked) if marked is not None else None
     else:
         number = normalize_number(reference)
     if number is None:
@@ -300,7 +288,7 @@ def load_task(name: str, split: str = "test", path: str | Path | None = None, li
 # ----------------------------------------------------------------------------------------------
 
 # An instruction that can follow the question in chat mode, so that a general chat model ends where
-# the grader looks first. It is OFF by default: our SFT data (nano/bins.py: tinymath_conversation)
+# the grader looks first. It is OFF by default: our SFT data (nano/tinymath.py: tinymath_conversation)
 # asks the bare question, and a small model does best on exactly the prompts it was trained on.
 ANSWER_INSTRUCTION = "Solve it step by step and end with a line '#### <number>'."
 

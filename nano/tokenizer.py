@@ -9,7 +9,8 @@ Encoding replays those merges in the order they were learned; decoding just conc
 It follows byte-level BPE as GPT-2 introduced it (Radford et al. 2019, "Language Models are
 Unsupervised Multitask Learners", section 2.2; BPE itself is Sennrich et al. 2016): text is first
 cut into "pre-tokens" by a regex (words, numbers, punctuation runs), merges never cross a pre-token
-boundary, and special tokens such as `<|endoftext|>` are cut out before anything else.
+boundary, and special tokens such as `<|endoftext|>` are cut out before anything else. That cutting,
+and counting the pre-tokens of a whole corpus in parallel, is nano/pretokenize.py; this file is BPE.
 
 How ids are laid out (vocab_size counts all three parts):
 
@@ -30,64 +31,32 @@ Run the tests with `make check-1` (tests/test_01_tokenizer.py); train one with `
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import re
 import warnings
 from array import array
-from collections import Counter, defaultdict
+from collections import defaultdict
 from heapq import heapify, heappop, heappush
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Iterable, Iterator, Sequence
 
 import regex  # like `re`, plus the Unicode classes \p{L} (letters) and \p{N} (numbers) the patterns need
 from tqdm import tqdm
+
+from nano.fileio import write_text
+from nano.pretokenize import PATTERNS, Input, count_pretokens, last_safe_cut, resolve_pattern, special_regex, words_regex
+from nano.workers import map_batches
 
 # The special tokens of this project, lowest ids first. Gemma's order where Gemma has them
 # (<pad> 0, <eos> 1, <bos> 2), then the chat-turn markers, then TinyStories' story separator.
 SPECIAL_TOKENS: list[str] = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<|endoftext|>"]
 
-# Pre-tokenization patterns. A pre-token is the unit BPE works inside: no merge crosses its edges,
-# so " dog" and " dog." share the token " dog" instead of learning " dog." separately.
-PATTERNS: dict[str, str] = {
-    # GPT-2, exactly as OpenAI released it: contractions, an optional space + letters / numbers /
-    # other symbols, then whitespace (a run of spaces keeps its last space for the next word).
-    "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-    # GPT-4 (cl100k_base): case-insensitive contractions, numbers in groups of at most 3 digits,
-    # newlines kept apart from other whitespace.
-    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
-    # nano: GPT-4's pattern with every digit a pre-token of its own. "2024" is then always 2 0 2 4,
-    # so a model sees each digit in the same place value every time (with groups of 3 it would have
-    # to learn "202"+"4" and "20"+"24" as different spellings of one number). That pays off for
-    # numbers of any size and a model trained long enough to learn carrying. Lesson 1 defaults to
-    # gpt2 instead: TinyMath's numbers stay below 100, so " 17" becomes one token, and a tiny model
-    # trained for minutes learns "17 + 5 = 22" as a fact about three tokens sooner than it learns
-    # to add digit by digit (lesson 1's doc has the measurement).
-    "nano": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
-}
-
-# A fast first cut, into "words": cut before every space that follows a non-space character.
-# "Once upon a time,\n\nthe end.\n" -> ["Once", " upon", " a", " time,\n\nthe", " end.\n"]
-# Why it is allowed: with the three preset patterns, no pre-token that starts before such a space
-# can contain it, and the pre-tokens after it depend only on the text from the space on. So
-# pre-tokenizing each word alone gives exactly the pre-tokens of the whole text (the tests check
-# this on random strings). Why bother: stdlib `re` runs this simple pattern about twice as fast
-# as `regex` runs the real one, and words repeat so much that each distinct word is pre-tokenized
-# once and then looked up. (`re`'s \s includes everything `regex`'s \s does, so a cut is never
-# made after a character the real pattern treats as whitespace.)
-WORDS_RE = re.compile(r"\s*\S+(?:[^\S ]\s*(?:\S+|\Z))*|\s+")
-
 FORMAT_NAME = "nano-bpe"
 FORMAT_VERSION = 1  # bump when the layout of tokenizer.json changes
 CACHE_LIMIT = 1 << 18  # entries each encode() cache holds (~50 MB at most); a full cache is emptied
 _NOT_MERGED = 1 << 62  # the "rank" of a pair that was never merged: larger than any real one
-TRAIN_CHUNK_BYTES = 1 << 22  # 4 MiB: training text is counted in chunks of about this size, in parallel
-
-Input = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
 # -----------------------------------------------------------------------------
@@ -117,11 +86,6 @@ def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return out
 
 
-def resolve_pattern(pattern: str) -> str:
-    """A preset name ("gpt2", "gpt4", "nano") -> its regex; anything else is taken as a regex itself."""
-    return PATTERNS.get(pattern, pattern)
-
-
 def _descending_key(token: bytes) -> str:
     """A string that sorts in the OPPOSITE order of `token`'s bytes, so a min-heap pops the greatest.
 
@@ -139,231 +103,7 @@ _INVERT_BYTES = bytes(255 - b for b in range(256))
 
 
 # -----------------------------------------------------------------------------
-# 2. training, step one: count the pre-tokens of the corpus (in parallel worker processes)
-
-
-@functools.lru_cache(maxsize=16)
-def _special_regex_cached(specials: tuple[str, ...]) -> re.Pattern | None:
-    if not specials:
-        return None
-    return re.compile("|".join(re.escape(s) for s in specials))
-
-
-def _special_regex(special_tokens: Iterable[str]) -> re.Pattern | None:
-    """One regex matching any special token, the LONGEST first: with "<a>" and "<a><b>" both
-    special, "<a><b>" must be read as one token, and alternation takes the first branch that fits."""
-    return _special_regex_cached(tuple(sorted(set(special_tokens), key=len, reverse=True)))
-
-
-def words_regex(pattern: str) -> re.Pattern | None:
-    """WORDS_RE for the preset patterns; None (no first cut) for a pattern of your own, for which
-    nobody has checked that cutting before a space is safe."""
-    return WORDS_RE if resolve_pattern(pattern) in PATTERNS.values() else None
-
-
-def _count_text(text: str, pattern: str, special_tokens: Sequence[str]) -> Counter:
-    """Pre-token counts of one piece of text; special tokens cut it and are not counted.
-
-    "the cat<|endoftext|>the cat." -> Counter({"the": 2, " cat": 2, ".": 1})
-    """
-    pattern_re, special_re, words_re = _compiled(pattern), _special_regex(special_tokens), words_regex(pattern)
-    segments = special_re.split(text) if special_re is not None else [text]
-    if words_re is None:
-        counts: Counter = Counter()
-        for segment in segments:
-            counts.update(pattern_re.findall(segment))  # Counter.update on a list runs in C
-        return counts
-    # 1. count the words (a fast cut, see WORDS_RE) ...
-    word_counts: Counter = Counter()
-    for segment in segments:
-        word_counts.update(words_re.findall(segment))
-    # 2. ... then pre-tokenize each DISTINCT word once, weighting its pre-tokens by the word's count.
-    #    A worker counts many chunks, so it remembers the pre-tokens of the words it has seen.
-    known = _WORD_PIECES.setdefault(pattern, {})
-    if len(known) > CACHE_LIMIT:
-        known.clear()
-    counts = Counter()
-    for word, count in word_counts.items():
-        pieces = known.get(word)
-        if pieces is None:
-            pieces = known[word] = pattern_re.findall(word)
-        for piece in pieces:
-            counts[piece] += count
-    return counts
-
-
-_WORD_PIECES: dict[str, dict[str, list[str]]] = {}  # pattern -> word -> its pre-tokens (per process)
-
-
-def _count_chunk(job: tuple) -> Counter:
-    """Worker: count one chunk, given as ("text", str) or ("file", path, start_byte, end_byte)."""
-    pattern, specials = job[-2], job[-1]
-    if job[0] == "text":
-        text = job[1]
-    else:
-        _, path, start, end = job[:4]
-        with open(path, "rb") as f:
-            f.seek(start)
-            # a file that is not valid UTF-8 is read with U+FFFD in place of the bad bytes
-            text = f.read(end - start).decode("utf-8", errors="replace")
-    return _count_text(text, pattern, specials)
-
-
-_PATTERN_CACHE: dict[str, regex.Pattern] = {}
-
-
-def _compiled(pattern: str) -> regex.Pattern:
-    if pattern not in _PATTERN_CACHE:
-        _PATTERN_CACHE[pattern] = regex.compile(pattern)
-    return _PATTERN_CACHE[pattern]
-
-
-def _find_special(data: str | bytes, start: int, specials: Sequence) -> int:
-    """The position of the first special token at or after `start`, or -1."""
-    found = [p for p in (data.find(s, start) for s in specials) if p >= 0]
-    return min(found) if found else -1
-
-
-def _chunk_text(text: str, specials: list[str], chunk_size: int) -> list[tuple]:
-    """Cut a string into jobs of about `chunk_size` characters, each cut at a special token.
-
-    Cutting right before a special token changes nothing: special tokens split the text anyway.
-    (subtle: we never cut between two arbitrary characters, because "a\\n\\nb" pre-tokenizes
-    differently from "a\\n" followed by "\\nb".) Text with no special token stays one job.
-    """
-    cuts = [0]
-    while specials:
-        p = _find_special(text, cuts[-1] + chunk_size, specials)
-        if p <= cuts[-1]:
-            break
-        cuts.append(p)
-    cuts.append(len(text))
-    return [("text", text[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a]
-
-
-def _chunk_file(path: Path, specials: list[str], chunk_size: int, limit: int | None) -> list[tuple]:
-    """Byte ranges of a file, cut right before special tokens (see _chunk_text); the workers read
-    their own ranges, so the main process never holds the whole file.
-
-    With `limit`, only about the first `limit` bytes are used, ending right before the last special
-    token (or newline) before the limit, so no story or UTF-8 character is cut in half.
-    """
-    size = path.stat().st_size
-    specials_b = [s.encode("utf-8") for s in specials]
-    window = 1 << 16
-    overlap = max((len(s) for s in specials_b), default=1) - 1
-    with open(path, "rb") as f:
-
-        def next_special(pos: int) -> int:  # first special token at or after pos, else the end of the file
-            while pos < size:
-                f.seek(pos)
-                block = f.read(window + overlap)
-                p = _find_special(block, 0, specials_b)
-                if p >= 0:
-                    return pos + p
-                pos += window
-            return size
-
-        end = size
-        if limit is not None and limit < size:
-            f.seek(max(0, limit - window))
-            tail = f.read(limit - max(0, limit - window))
-            best = max([tail.rfind(s) for s in specials_b] + [-1])  # the last special token before the limit,
-            if best <= 0:
-                best = tail.rfind(b"\n") + 1  # else the last line end
-            end = max(0, limit - len(tail)) + best if best > 0 else limit
-        cuts = [0]
-        while specials_b and cuts[-1] + chunk_size < end:
-            p = next_special(cuts[-1] + chunk_size)
-            if p >= end:
-                break
-            cuts.append(p)
-        cuts.append(end)
-    return [("file", str(path), a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
-
-
-def _as_paths(input: Input) -> list[Path] | None:
-    """The files `input` names, or None when `input` is the training text itself.
-
-    A `Path` (or a list) is always a file (missing -> FileNotFoundError); a `str` is a file when
-    one of that name exists, or when it looks like a file name (one line, no spaces, ends in an
-    extension such as .txt) so that a typo is reported instead of trained on; else it is text.
-    """
-    if isinstance(input, (list, tuple)):
-        items = list(input)
-    elif isinstance(input, os.PathLike):
-        items = [input]
-    elif isinstance(input, str):
-        looks_like_file = len(input) < 4096 and "\n" not in input and " " not in input and re.search(r"\.\w{1,5}$", input)
-        if len(input) < 4096 and "\n" not in input and os.path.isfile(input) or looks_like_file:
-            items = [input]
-        else:
-            return None
-    else:
-        raise TypeError(f"train input must be a path, a list of paths or a string, not {type(input).__name__}")
-    paths = [Path(p) for p in items]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"no training text at {p} — run `make lesson-0` first (or pass another file)")
-    return paths
-
-
-def count_pretokens(
-    input: Input,
-    pattern: str = "nano",
-    special_tokens: Sequence[str] = SPECIAL_TOKENS,
-    num_workers: int | None = None,
-    max_bytes: int | None = None,
-) -> dict[str, int]:
-    """How often each pre-token occurs in `input` (a path, a list of paths or the text itself).
-
-    "the cat<|endoftext|>the" -> {"the": 2, " cat": 1}
-
-    The corpus is cut into chunks right before special tokens; `num_workers` processes count the
-    chunks and the counts are added up. Addition does not care about order, so the result is the
-    same for any number of workers (the chunks themselves never depend on it).
-    """
-    pattern = resolve_pattern(pattern)
-    specials = list(special_tokens)
-    paths = _as_paths(input)
-    jobs: list[tuple] = []
-    if paths is None:
-        text = str(input)[:max_bytes] if max_bytes is not None else str(input)
-        jobs = _chunk_text(text, specials, chunk_size=min(TRAIN_CHUNK_BYTES, max(4096, len(text) // 16)))
-    else:
-        remaining = max_bytes
-        total = sum(p.stat().st_size for p in paths) if max_bytes is None else max_bytes
-        chunk_size = min(TRAIN_CHUNK_BYTES, max(4096, total // 16))
-        for p in paths:
-            if remaining is not None and remaining <= 0:
-                break
-            jobs += _chunk_file(p, specials, chunk_size, remaining)
-            if remaining is not None:
-                remaining -= p.stat().st_size
-    jobs = [job + (pattern, specials) for job in jobs]
-
-    workers = min(num_workers or os.cpu_count() or 1, len(jobs))
-    counts: Counter = Counter()
-    if workers <= 1:
-        for job in jobs:
-            counts.update(_count_chunk(job))
-    else:
-        with _pool_context().Pool(workers) as pool:
-            # unordered: a chunk's counts are added as soon as it is done; the sum is the same
-            for chunk_counts in pool.imap_unordered(_count_chunk, jobs):
-                counts.update(chunk_counts)
-    _WORD_PIECES.clear()  # the in-process cache has done its job; do not keep its memory
-    return dict(counts)
-
-
-def _pool_context():
-    """fork where the OS has it (Linux): workers start at once and inherit what they need;
-    elsewhere the platform default (spawn), which works too, only slower to start."""
-    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-
-
-# -----------------------------------------------------------------------------
-# 3. training, step two: the merges, over the table of distinct words
+# 2. training: the merges, over the table of distinct words (counted by nano/pretokenize.py)
 
 
 def learn_merges(
@@ -479,7 +219,7 @@ def learn_merges(
 
 
 # -----------------------------------------------------------------------------
-# 4. the tokenizer: vocabulary + merges + special tokens + pattern
+# 3. the tokenizer: vocabulary + merges + special tokens + pattern
 
 
 class _PieceCache(dict):
@@ -559,11 +299,11 @@ class Tokenizer:
     def _setup_runtime(self) -> None:
         """The compiled regexes and the cache (rebuilt after unpickling, never saved)."""
         self._pattern_re = regex.compile(self.pattern)
-        self._special_re = _special_regex(self.special_tokens)
+        self._special_re = special_regex(self.special_tokens)
         self._max_special_len = max((len(s) for s in self.special_tokens), default=0)
         self._words_re = words_regex(self.pattern)
         self._piece_cache = _PieceCache(self._encode_piece)  # pre-token -> ids
-        self._word_cache = _PieceCache(self._encode_word)  # word (see WORDS_RE) -> ids
+        self._word_cache = _PieceCache(self._encode_word)  # word (see pretokenize.WORDS_RE) -> ids
 
     def __getstate__(self) -> dict:  # to worker processes: the data, without compiled regexes or cache
         return {k: v for k, v in self.__dict__.items() if k not in ("_pattern_re", "_special_re", "_words_re", "_piece_cache", "_word_cache")}
@@ -599,7 +339,7 @@ class Tokenizer:
     ) -> "Tokenizer":
         """Learn a tokenizer of `vocab_size` tokens (specials + 256 bytes + merges) from `input`.
 
-        input: a path, a list of paths, or the training text itself (see _as_paths);
+        input: a path, a list of paths, or the training text itself (see pretokenize.count_pretokens);
         max_bytes: use only about the first max_bytes bytes (cut before a special token; characters for a string);
         num_workers: processes that count pre-tokens (default: one per CPU core; same result for any).
         """
@@ -612,7 +352,7 @@ class Tokenizer:
                 f"vocab_size {vocab_size} is too small: it must hold the {len(specials)} special tokens "
                 f"and the 256 bytes, so at least {smallest}"
             )
-        # 1. count pre-tokens ("the", " cat", ...) over the whole corpus
+        # 1. count pre-tokens ("the", " cat", ...) over the whole corpus (nano/pretokenize.py, in parallel)
         pretoken_counts = count_pretokens(input, pattern, specials, num_workers, max_bytes)
         if not pretoken_counts:
             raise ValueError("the training corpus is empty (no text outside special tokens): give it some text to learn from")
@@ -665,7 +405,7 @@ class Tokenizer:
         return tuple(ids)
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
-        """A word (see WORDS_RE) -> its pre-tokens -> their ids: " time,\n\nthe" -> " time" "," "\n\n" "the"."""
+        """A word (see pretokenize.WORDS_RE) -> its pre-tokens -> their ids: " time,\n\nthe" -> " time" "," "\n\n" "the"."""
         return tuple(chain.from_iterable(map(self._piece_cache.__getitem__, self._pattern_re.findall(word))))
 
     def encode_ordinary(self, text: str) -> list[int]:
@@ -716,14 +456,13 @@ class Tokenizer:
                 groups.append([])
                 size = 0
         out: list[list[int]] = []
-        with _pool_context().Pool(min(workers, len(groups)), initializer=_init_encode_worker, initargs=(self,)) as pool:
-            for flat, lengths in pool.imap(_encode_group, groups):
-                # one flat array per group travels back (cheap to send); cut it into one list per text
-                ids = flat.tolist()
-                start = 0
-                for n in lengths:
-                    out.append(ids[start : start + n])
-                    start += n
+        for flat, lengths in map_batches(_encode_group, groups, self, min(workers, len(groups))):
+            # one flat array per group travels back (cheap to send); cut it into one list per text
+            ids = flat.tolist()
+            start = 0
+            for n in lengths:
+                out.append(ids[start : start + n])
+                start += n
         return out
 
     def encode_iterable(self, lines: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[int]:
@@ -743,37 +482,13 @@ class Tokenizer:
             size += len(line)
             if size >= chunk_chars:
                 text = "".join(buffer)
-                cut = self._safe_cut(text)
+                cut = last_safe_cut(text, self._special_re, self._words_re, self._max_special_len)
                 if cut > 0:
                     yield from self.encode(text[:cut])
                     text = text[cut:]
                 buffer, size = [text], len(text)
         if buffer:
             yield from self.encode("".join(buffer))
-
-    def _safe_cut(self, text: str) -> int:
-        """The last position where `text` may be cut without changing its encoding, or 0 if none.
-
-        Safe: the start of a special token, or a space right after a non-space character ("cat| dog").
-        Why the space is safe for the gpt2 / gpt4 / nano patterns: no pre-token that starts before
-        it can contain it (letters, digits and symbol runs stop at a space, and a whitespace run would
-        have to start at it), and what follows depends only on the text from the space on.
-        The last `max special length` characters are never cut: a special token may be half read.
-        """
-        limit = len(text) - self._max_special_len
-        if limit <= 1:
-            return 0
-        spans = [hit.span() for hit in self._special_re.finditer(text)] if self._special_re is not None else []
-        best_special = max((s for s, _ in spans if 0 < s <= limit), default=0)
-        if self._words_re is None:  # a pattern of your own: only special tokens are known to be safe
-            return best_special
-        p = text.rfind(" ", 1, limit)
-        while p > best_special:
-            inside_special = any(s < p < e for s, e in spans)
-            if not text[p - 1].isspace() and not inside_special:
-                return p
-            p = text.rfind(" ", 1, p)
-        return best_special
 
     # --- decoding ---------------------------------------------------------------------------
 
@@ -808,13 +523,11 @@ class Tokenizer:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a readable JSON file (atomically: a temporary file, then a rename).
+        """Write a readable JSON file, atomically (nano/fileio.py: a temporary file, then a rename).
 
         vocab lines are [id, hex of the bytes, the bytes as text]: the hex is exact, the text is
         for your eyes (bytes that are not UTF-8 show as \\xNN). merges are [id, id] in order.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -832,10 +545,7 @@ class Tokenizer:
         lines.append('  "vocab": [\n    ' + ",\n    ".join(vocab_lines) + "\n  ],")
         lines.append('  "merges": [\n    ' + ",\n    ".join(json.dumps(list(p)) for p in self._merge_pairs) + "\n  ]")
         lines.append("}")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_text(path, "\n".join(lines) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -863,21 +573,13 @@ class Tokenizer:
         return tok
 
 
-# worker-process side of encode_batch: the tokenizer arrives once (inherited with fork), not per task
-_WORKER_TOKENIZER: Tokenizer | None = None
-
-
-def _init_encode_worker(tokenizer: Tokenizer) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tokenizer
-
-
-def _encode_group(texts: list[str]) -> tuple[array, array]:
-    """Encode a group of texts; return all their ids in one flat array plus each text's length.
-    Arrays of 32-bit ints cross between processes as raw bytes, far cheaper than lists of ints."""
+def _encode_group(tokenizer: Tokenizer, texts: list[str]) -> tuple[array, array]:
+    """encode_batch's work in a worker process (nano/workers.py: map_batches): encode a group of
+    texts; return all their ids in one flat array plus each text's length. Arrays of 32-bit ints
+    cross between processes as raw bytes, far cheaper than lists of ints."""
     flat, lengths = array("I"), array("I")
     for text in texts:
-        ids = _WORKER_TOKENIZER.encode(text)
+        ids = tokenizer.encode(text)
         flat.extend(ids)
         lengths.append(len(ids))
     return flat, lengths

@@ -1,5 +1,6 @@
 """
-Exercise: lesson 0's built-in data (nano/synthetic.py) and the lesson script that writes it.
+Exercise: lesson 0's built-in data (nano/stories.py, nano/tinymath.py, nano/synthetic.py, with the file
+format of nano/story_files.py) and the lesson script that writes it.
 
 Implement the generator so that
   - the same seed gives the same bytes and another seed different ones (`write_stories`,
@@ -26,6 +27,10 @@ import pytest
 from adapters import impl
 from conftest import load_lesson
 
+world = impl("world")
+stories_module = impl("stories")
+story_files = impl("story_files")
+tinymath = impl("tinymath")
 synthetic = impl("synthetic")
 
 SEP = "\n<|endoftext|>\n"
@@ -48,12 +53,12 @@ def read_jsonl(path):
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        synthetic.write_stories(tmp_path / f"{name}.txt", seed, 100, "train", progress=False)
+        stories_module.write_stories(tmp_path / f"{name}.txt", seed, 100, "train", progress=False)
     a, b, c = ((tmp_path / f"{n}.txt").read_bytes() for n in "abc")
     assert a == b
     assert a != c
-    assert synthetic.tinymath_problems(3, 50, "test") == synthetic.tinymath_problems(3, 50, "test")
-    assert synthetic.tinymath_problems(3, 50, "test") != synthetic.tinymath_problems(4, 50, "test")
+    assert tinymath.tinymath_problems(3, 50, "test") == tinymath.tinymath_problems(3, 50, "test")
+    assert tinymath.tinymath_problems(3, 50, "test") != tinymath.tinymath_problems(4, 50, "test")
     assert synthetic.conversations(3, 20, "train") == synthetic.conversations(3, 20, "train")
     assert synthetic.conversations(3, 20, "train") != synthetic.conversations(4, 20, "train")
     assert synthetic.preference_pairs(3, 12, "train") == synthetic.preference_pairs(3, 12, "train")
@@ -61,9 +66,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
 
 
 def test_more_train_stories_do_not_change_the_first_ones(tmp_path):
-    synthetic.write_stories(tmp_path / "small.txt", 5, 20, "train", progress=False)
-    synthetic.write_stories(tmp_path / "big.txt", 5, 50, "train", progress=False)
-    assert synthetic.read_stories(tmp_path / "big.txt")[:20] == synthetic.read_stories(tmp_path / "small.txt")
+    stories_module.write_stories(tmp_path / "small.txt", 5, 20, "train", progress=False)
+    stories_module.write_stories(tmp_path / "big.txt", 5, 50, "train", progress=False)
+    assert story_files.read_stories(tmp_path / "big.txt")[:20] == story_files.read_stories(tmp_path / "small.txt")
 
 
 # --- stories ------------------------------------------------------------------------------------
@@ -71,13 +76,13 @@ def test_more_train_stories_do_not_change_the_first_ones(tmp_path):
 
 def test_story_file_format_and_length(tmp_path):
     path = tmp_path / "stories.txt"
-    info = synthetic.write_stories(path, 0, 300, "train", progress=False)
+    info = stories_module.write_stories(path, 0, 300, "train", progress=False)
     text = path.read_text(encoding="utf-8")
     assert info["count"] == 300 and info["bytes"] == len(text.encode("utf-8"))
     assert text.endswith(SEP)
     assert text.count("<|endoftext|>") == 300
     stories = text.split(SEP)[:-1]
-    assert stories == synthetic.read_stories(path)
+    assert stories == story_files.read_stories(path)
     assert len(set(stories)) > 290  # variety: hardly any story twice
     for story in stories:
         assert story == story.strip() and story
@@ -89,29 +94,29 @@ def test_story_file_format_and_length(tmp_path):
 
 
 def test_story_exclude_really_excludes():
-    first_two = [s.text for s in synthetic.iter_stories(7, 2, "train")]
-    kept = [s.text for s in synthetic.iter_stories(7, 5, "train", exclude={first_two[0]})]
+    first_two = [s.text for s in stories_module.iter_stories(7, 2, "train")]
+    kept = [s.text for s in stories_module.iter_stories(7, 5, "train", exclude={first_two[0]})]
     assert len(kept) == 5 and first_two[0] not in kept and first_two[1] == kept[0]
 
 
 def test_story_facts_are_in_the_story():
-    rng = synthetic.rng_for(11, "facts")
+    rng = world.rng_for(11, "facts")
     for _ in range(100):
-        story = synthetic.generate_story(rng)
+        story = stories_module.generate_story(rng)
         assert story.hero.name in story.text
         assert story.keywords, story.plot
         for word in story.keywords:
-            assert synthetic.uses_word(story.text, word)
+            assert stories_module.uses_word(story.text, word)
         for question, answer in story.qa:
             assert question.endswith("?") and answer.endswith(".")
 
 
 def test_helpers_on_small_examples():
-    assert synthetic.uses_word("Lily has two Balls.", "ball")
-    assert not synthetic.uses_word("She went to a ballet.", "ball")
-    assert synthetic.split_sentences('Hi. "Go!" he said.\n\nThe end.') == ["Hi.", '"Go!" he said.', "The end."]
-    assert synthetic.final_answer("so 3 + 4 = 7.\n#### 1,200") == "1200"
-    assert synthetic.final_answer("no answer here") is None
+    assert stories_module.uses_word("Lily has two Balls.", "ball")
+    assert not stories_module.uses_word("She went to a ballet.", "ball")
+    assert stories_module.split_sentences('Hi. "Go!" he said.\n\nThe end.') == ["Hi.", '"Go!" he said.', "The end."]
+    assert tinymath.final_answer("so 3 + 4 = 7.\n#### 1,200") == "1200"
+    assert tinymath.final_answer("no answer here") is None
 
 
 # --- TinyMath ---------------------------------------------------------------------------------
@@ -131,12 +136,12 @@ def check_math_problem(p):
         assert f"{a} {op} {b} = {value}" in p["answer"], "each computation is written out"
     assert value == p["result"]
     assert p["answer"].splitlines()[-1] == f"#### {p['result']}"
-    assert synthetic.final_answer(p["answer"]) == str(p["result"])
+    assert tinymath.final_answer(p["answer"]) == str(p["result"])
     assert p["question"].endswith("?")
 
 
 def test_tinymath_answers_are_right_and_varied():
-    problems = synthetic.tinymath_problems(2, 400, "train")
+    problems = tinymath.tinymath_problems(2, 400, "train")
     for p in problems:
         check_math_problem(p)
     assert {tuple(p["operations"]) for p in problems} >= {("+",), ("-",), ("*",), ("+", "-"), ("*", "+")}
@@ -145,16 +150,16 @@ def test_tinymath_answers_are_right_and_varied():
 
 
 def test_tinymath_train_and_test_share_no_question():
-    test = synthetic.tinymath_problems(2, 200, "test")
+    test = tinymath.tinymath_problems(2, 200, "test")
     test_questions = {p["question"] for p in test}
     assert len(test_questions) == 200  # no duplicates inside a split either
-    train = synthetic.tinymath_problems(2, 800, "train", exclude=test_questions)
+    train = tinymath.tinymath_problems(2, 800, "train", exclude=test_questions)
     train_questions = [p["question"] for p in train]
     assert len(set(train_questions)) == 800
     assert not test_questions & set(train_questions)
     # and `exclude` is really used: exclude the train stream's first question and it is gone
-    first = synthetic.tinymath_problems(2, 1, "train")[0]["question"]
-    assert first not in {p["question"] for p in synthetic.tinymath_problems(2, 5, "train", exclude={first})}
+    first = tinymath.tinymath_problems(2, 1, "train")[0]["question"]
+    assert first not in {p["question"] for p in tinymath.tinymath_problems(2, 5, "train", exclude={first})}
 
 
 # --- conversations ------------------------------------------------------------------------------
@@ -174,7 +179,7 @@ def test_conversations_format_and_required_words():
             assert len(conv["required_words"]) == 3
             for word in conv["required_words"]:
                 assert word in messages[0]["content"]
-                assert synthetic.uses_word(messages[1]["content"], word)
+                assert stories_module.uses_word(messages[1]["content"], word)
         if conv["task"] in ("qa", "story_then_question"):
             assert messages[-2]["content"].rstrip().endswith(("?", "sentence."))
     assert set(tasks) >= {"words", "feature", "qa", "continue", "story_then_question"}
@@ -195,21 +200,21 @@ def check_pair(pair):
     chosen, rejected, flaw = pair["chosen"], pair["rejected"], pair["flaw"]
     assert pair["prompt"] and chosen and rejected and chosen != rejected
     if flaw == "wrong_number":
-        assert synthetic.final_answer(chosen) == pair["correct_answer"]
-        assert synthetic.final_answer(rejected) == pair["rejected_answer"] != pair["correct_answer"]
+        assert tinymath.final_answer(chosen) == pair["correct_answer"]
+        assert tinymath.final_answer(rejected) == pair["rejected_answer"] != pair["correct_answer"]
     elif flaw == "missing_word":
         words = pair["required_words"]
         assert pair["missing_word"] in words
         assert all(w in pair["prompt"] for w in words)
-        assert all(synthetic.uses_word(chosen, w) for w in words)
-        assert not synthetic.uses_word(rejected, pair["missing_word"])
-        assert all(synthetic.uses_word(rejected, w) for w in words if w != pair["missing_word"])
+        assert all(stories_module.uses_word(chosen, w) for w in words)
+        assert not stories_module.uses_word(rejected, pair["missing_word"])
+        assert all(stories_module.uses_word(rejected, w) for w in words if w != pair["missing_word"])
     elif flaw == "broken_off":
         assert chosen.startswith(rejected) and len(rejected) < 0.8 * len(chosen)
         assert rejected[-1].isalpha(), "it stops in the middle of a sentence"
     elif flaw == "repetition":
-        assert max(Counter(synthetic.split_sentences(chosen)).values()) == 1
-        counts = Counter(synthetic.split_sentences(rejected))
+        assert max(Counter(stories_module.split_sentences(chosen)).values()) == 1
+        counts = Counter(stories_module.split_sentences(rejected))
         assert counts[pair["repeated_sentence"]] == pair["times"] >= 3
         first = rejected.index(pair["repeated_sentence"]) + len(pair["repeated_sentence"])
         assert chosen.startswith(rejected[:first])
@@ -225,7 +230,7 @@ def test_preference_pairs_differ_as_claimed():
 
 
 def test_preference_math_prompts_avoid_the_test_set():
-    test_questions = {p["question"] for p in synthetic.tinymath_problems(5, 300, "test")}
+    test_questions = {p["question"] for p in tinymath.tinymath_problems(5, 300, "test")}
     pairs = synthetic.preference_pairs(5, 200, "train", exclude_questions=test_questions)
     assert not test_questions & {p["prompt"] for p in pairs}
     # the wrong_number chosen answers are right: their computations check out
@@ -252,8 +257,8 @@ def test_lesson_writes_the_contract(nano_dirs, capsys):
     for name, info in on_disk["files"].items():
         assert (raw / name).stat().st_size == info["bytes"]
 
-    train_stories = synthetic.read_stories(raw / "stories_train.txt")
-    val_stories = synthetic.read_stories(raw / "stories_val.txt")
+    train_stories = story_files.read_stories(raw / "stories_train.txt")
+    val_stories = story_files.read_stories(raw / "stories_val.txt")
     assert (len(train_stories), len(val_stories)) == (60, 10)
     assert (raw / "stories_train.txt").read_text().endswith(SEP)
     assert not set(train_stories) & set(val_stories)
@@ -336,8 +341,8 @@ def test_lesson_reads_a_local_story_file_and_gsm8k(nano_dirs, tmp_path):
             {"question": "What is 10 * 10?", "answer": "10 * 10 = 100\n#### 100"}]
     (gsm / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     manifest = lesson.main(SMALL + ["--source", str(source), "--val_stories", "5", "--gsm8k", str(gsm)])
-    assert synthetic.read_stories(raw / "stories_val.txt") == stories[:5]
-    assert synthetic.read_stories(raw / "stories_train.txt") == stories[5:]
+    assert story_files.read_stories(raw / "stories_val.txt") == stories[:5]
+    assert story_files.read_stories(raw / "stories_train.txt") == stories[5:]
     assert read_jsonl(raw / "gsm8k_test.jsonl") == rows and manifest["gsm8k"] is True
     # asked without GSM8K, the copy goes away so lesson 12 does not use it by mistake
     lesson.main(SMALL + ["--source", str(source), "--val_stories", "5"])

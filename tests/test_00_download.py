@@ -28,8 +28,6 @@ from adapters import impl
 from conftest import load_lesson
 
 download_module = impl("download")
-download = download_module.download
-DownloadError = download_module.DownloadError
 
 SEP = "\n<|endoftext|>\n"
 STORIES = [(f"Story {i}: " + "The cat sat on the mat and looked at the sun. " * (3 + i % 5)).strip() for i in range(60)]
@@ -94,18 +92,18 @@ def unused_port() -> int:
 
 
 def test_full_download(server, tmp_path):
-    dest = download(f"{server.url}/ok/blob.bin", tmp_path / "blob.bin", progress=False)
+    dest = download_module.download(f"{server.url}/ok/blob.bin", tmp_path / "blob.bin", progress=False)
     assert dest.read_bytes() == server.files["blob.bin"]
     assert not (tmp_path / "blob.bin.part").exists()
     # a finished file is not fetched again
-    download(f"{server.url}/ok/blob.bin", tmp_path / "blob.bin", progress=False)
+    download_module.download(f"{server.url}/ok/blob.bin", tmp_path / "blob.bin", progress=False)
     assert len(server.requests) == 1
 
 
 def test_resume_after_a_cut(server, tmp_path):
     data = server.files["blob.bin"]
     (tmp_path / "blob.bin.part").write_bytes(data[:30_000])
-    dest = download(f"{server.url}/ok/blob.bin", tmp_path / "blob.bin", progress=False)
+    dest = download_module.download(f"{server.url}/ok/blob.bin", tmp_path / "blob.bin", progress=False)
     assert dest.read_bytes() == data
     assert server.requests == [("/ok/blob.bin", "bytes=30000-")]
     assert server.sent == [len(data) - 30_000], "only the missing bytes were sent"
@@ -114,48 +112,48 @@ def test_resume_after_a_cut(server, tmp_path):
 def test_resume_when_the_server_ignores_range(server, tmp_path):
     data = server.files["blob.bin"]
     (tmp_path / "blob.bin.part").write_bytes(b"x" * 1000)  # garbage: it must be replaced, not appended to
-    dest = download(f"{server.url}/norange/blob.bin", tmp_path / "blob.bin", progress=False)
+    dest = download_module.download(f"{server.url}/norange/blob.bin", tmp_path / "blob.bin", progress=False)
     assert dest.read_bytes() == data
 
 
 def test_part_already_complete(server, tmp_path):
     data = server.files["blob.bin"]
     (tmp_path / "blob.bin.part").write_bytes(data)  # cut just before the rename
-    assert download(f"{server.url}/ok/blob.bin", tmp_path / "blob.bin", progress=False).read_bytes() == data
+    assert download_module.download(f"{server.url}/ok/blob.bin", tmp_path / "blob.bin", progress=False).read_bytes() == data
 
 
 def test_size_mismatch_is_an_error_and_the_part_resumes(server, tmp_path):
     dest = tmp_path / "blob.bin"
-    with pytest.raises(DownloadError, match="size mismatch"):
-        download(f"{server.url}/short/blob.bin", dest, progress=False)
+    with pytest.raises(download_module.DownloadError, match="size mismatch"):
+        download_module.download(f"{server.url}/short/blob.bin", dest, progress=False)
     assert not dest.exists()
     part = tmp_path / "blob.bin.part"
     assert part.stat().st_size == len(server.files["blob.bin"]) // 2
-    download(f"{server.url}/ok/blob.bin", dest, progress=False)  # the next run finishes it
+    download_module.download(f"{server.url}/ok/blob.bin", dest, progress=False)  # the next run finishes it
     assert dest.read_bytes() == server.files["blob.bin"]
 
 
 def test_expected_size_is_checked(server, tmp_path):
-    with pytest.raises(DownloadError, match="expected"):
-        download(f"{server.url}/ok/blob.bin", tmp_path / "blob.bin", expected_size=123, progress=False)
+    with pytest.raises(download_module.DownloadError, match="expected"):
+        download_module.download(f"{server.url}/ok/blob.bin", tmp_path / "blob.bin", expected_size=123, progress=False)
     assert not (tmp_path / "blob.bin").exists()
 
 
 def test_limit_bytes_cut_at_a_story_boundary(server, tmp_path):
-    dest = download(f"{server.url}/ok/stories.txt", tmp_path / "s.txt", limit_bytes=5000, cut_at="<|endoftext|>",
+    dest = download_module.download(f"{server.url}/ok/stories.txt", tmp_path / "s.txt", limit_bytes=5000, cut_at="<|endoftext|>",
                     progress=False)
     got = dest.read_bytes()
     assert 0 < len(got) <= 5000 and STORY_TEXT.startswith(got)
     assert got.endswith(b"<|endoftext|>\n")
     assert len(got) > 5000 - max(len(s) for s in STORIES) - len(SEP), "cut at the last boundary, not an earlier one"
     # without cut_at: exactly the first N bytes
-    exact = download(f"{server.url}/ok/stories.txt", tmp_path / "t.txt", limit_bytes=777, progress=False)
+    exact = download_module.download(f"{server.url}/ok/stories.txt", tmp_path / "t.txt", limit_bytes=777, progress=False)
     assert exact.read_bytes() == STORY_TEXT[:777]
 
 
 def test_http_error_names_the_status(server, tmp_path):
-    with pytest.raises(DownloadError, match="404"):
-        download(f"{server.url}/ok/missing.txt", tmp_path / "m.txt", progress=False)
+    with pytest.raises(download_module.DownloadError, match="404"):
+        download_module.download(f"{server.url}/ok/missing.txt", tmp_path / "m.txt", progress=False)
 
 
 # --- offline ------------------------------------------------------------------------------------
@@ -163,8 +161,8 @@ def test_http_error_names_the_status(server, tmp_path):
 
 def test_offline_fails_fast_with_a_helpful_message(tmp_path):
     start = time.time()
-    with pytest.raises(DownloadError) as error:
-        download(f"http://127.0.0.1:{unused_port()}/stories.txt", tmp_path / "s.txt", progress=False)
+    with pytest.raises(download_module.DownloadError) as error:
+        download_module.download(f"http://127.0.0.1:{unused_port()}/stories.txt", tmp_path / "s.txt", progress=False)
     assert time.time() - start < 5
     message = str(error.value)
     assert "offline" in message and "--source synthetic" in message and "--source PATH" in message
@@ -176,8 +174,8 @@ def test_a_server_that_never_answers_times_out(tmp_path):
     silent.listen(1)  # accepts the connection, never says anything
     try:
         start = time.time()
-        with pytest.raises(DownloadError, match="offline"):
-            download(f"http://127.0.0.1:{silent.getsockname()[1]}/s.txt", tmp_path / "s.txt", timeout=0.5, progress=False)
+        with pytest.raises(download_module.DownloadError, match="offline"):
+            download_module.download(f"http://127.0.0.1:{silent.getsockname()[1]}/s.txt", tmp_path / "s.txt", timeout=0.5, progress=False)
         assert time.time() - start < 5
     finally:
         silent.close()
@@ -190,13 +188,13 @@ def test_file_url_full_resume_and_limit(tmp_path):
     source = tmp_path / "source.txt"
     source.write_bytes(STORY_TEXT)
     url = source.as_uri()
-    assert download(url, tmp_path / "a.txt", progress=False).read_bytes() == STORY_TEXT
+    assert download_module.download(url, tmp_path / "a.txt", progress=False).read_bytes() == STORY_TEXT
     (tmp_path / "b.txt.part").write_bytes(STORY_TEXT[:100])
-    assert download(url, tmp_path / "b.txt", progress=False).read_bytes() == STORY_TEXT
-    limited = download(url, tmp_path / "c.txt", limit_bytes=3000, cut_at="<|endoftext|>", progress=False).read_bytes()
+    assert download_module.download(url, tmp_path / "b.txt", progress=False).read_bytes() == STORY_TEXT
+    limited = download_module.download(url, tmp_path / "c.txt", limit_bytes=3000, cut_at="<|endoftext|>", progress=False).read_bytes()
     assert STORY_TEXT.startswith(limited) and limited.endswith(b"<|endoftext|>\n") and len(limited) <= 3000
-    with pytest.raises(DownloadError, match="no such file"):
-        download((tmp_path / "nope.txt").as_uri(), tmp_path / "d.txt", progress=False)
+    with pytest.raises(download_module.DownloadError, match="no such file"):
+        download_module.download((tmp_path / "nope.txt").as_uri(), tmp_path / "d.txt", progress=False)
 
 
 def test_urls_and_env_overrides(monkeypatch):
@@ -233,9 +231,9 @@ def test_lesson_with_tinystories_and_gsm8k_from_a_local_server(server, nano_dirs
     lesson = load_lesson("00_data")
     lesson.main(SMALL + ["--source", "tinystories", "--val_stories", "4", "--data_limit_mb", "0.004", "--gsm8k", "download"])
     raw = nano_dirs / "data" / "raw"
-    synthetic = impl("synthetic")
-    assert synthetic.read_stories(raw / "stories_val.txt") == valid[:4]
-    train = synthetic.read_stories(raw / "stories_train.txt")
+    story_files = impl("story_files")
+    assert story_files.read_stories(raw / "stories_val.txt") == valid[:4]
+    train = story_files.read_stories(raw / "stories_train.txt")
     assert 0 < len(train) < len(STORIES) and train == STORIES[: len(train)]
     assert (raw / "stories_train.txt").stat().st_size <= 4000
     assert json.loads((raw / "gsm8k_test.jsonl").read_text().splitlines()[0]) == gsm_rows[0]

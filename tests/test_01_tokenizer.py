@@ -3,7 +3,8 @@ Lesson 1 exercises: byte-level BPE (nano/tokenizer.py). Run with `make check-1`.
 
 Rebuild the tokenizer and let these tests judge it (NANO_IMPL_TOKENIZER=my_tokenizer.py make check-1):
   1. `merge(ids, pair, new_id)` replaces each occurrence of a pair, left to right (the module also
-     exports SPECIAL_TOKENS and PATTERNS, the preset regexes, which the reference below uses).
+     exports SPECIAL_TOKENS; the preset regexes, PATTERNS, come from nano/pretokenize.py, which
+     cuts text into pre-tokens and counts them -- yours may import it, the reference below does).
   2. `Tokenizer.train(...)` learns merges: the most frequent pair first, and on a TIE the
      lexicographically greatest pair of byte strings -- check the hand-worked examples below, then
      the brute-force reference trainer written in this file, which must agree with yours.
@@ -22,8 +23,12 @@ from collections import Counter
 import pytest
 import regex
 from adapters import impl
+from conftest import load_lesson
+
+from nano.paths import raw_dir, tokenizer_dir
 
 tokenizer = impl("tokenizer")
+pretokenize = impl("pretokenize")
 Tokenizer = tokenizer.Tokenizer
 SPECIALS = tokenizer.SPECIAL_TOKENS
 N_SPECIAL = len(SPECIALS)
@@ -40,7 +45,7 @@ def reference_train(text: str, num_merges: int, pattern: str, specials: list[str
     pieces: Counter = Counter()
     segments = regex.split("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)), text) if specials else [text]
     for segment in segments:
-        pieces.update(regex.findall(tokenizer.PATTERNS.get(pattern, pattern), segment))
+        pieces.update(regex.findall(pretokenize.PATTERNS.get(pattern, pattern), segment))
     words = {tuple(bytes([b]) for b in p.encode("utf-8")): n for p, n in pieces.items()}
     merges = []
     for _ in range(num_merges):
@@ -261,6 +266,14 @@ def test_encode_batch_equals_encode(tok):
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
 
 
+def test_encode_batch_in_worker_processes(tok):
+    """Over ~1 MB the batch is split into groups that 2 worker processes encode (nano/workers.py);
+    the ids come back whole and in the order of the texts."""
+    stories = sample_corpus(seed=4, stories=20000).split("<|endoftext|>")
+    assert sum(map(len, stories)) >= 1 << 20  # big enough to take the worker path
+    assert tok.encode_batch(stories, num_workers=2) == [tok.encode(s) for s in stories]
+
+
 def test_encode_iterable_equals_encode(tok):
     """Streaming gives the ids of the whole text, even where a line boundary alone would not be a
     safe cut ("a\\n" + "\\nb" is not "a\\n\\nb") and when special tokens span two pieces."""
@@ -363,9 +376,6 @@ def test_corrupt_file_is_an_error(tok, tmp_path):
 
 def test_lesson_script_trains_saves_and_skips(nano_dirs, capsys):
     """lessons/01_tokenizer.py: clear error without data; trains and saves; a rerun skips training."""
-    from conftest import load_lesson
-    from nano.paths import raw_dir, tokenizer_dir
-
     lesson = load_lesson("01_tokenizer")
     with pytest.raises(FileNotFoundError, match="lesson-0"):
         lesson.main(["--vocab_size", "300"])
@@ -384,7 +394,7 @@ def test_lesson_script_trains_saves_and_skips(nano_dirs, capsys):
     out = capsys.readouterr().out
     assert "bytes per token" in out and "[" in out and "skipped" not in out  # the new text means a new tokenizer
     tok = Tokenizer.load(tokenizer_dir() / "tokenizer.json")
-    assert tok.vocab_size == 300 and tok.pattern == tokenizer.PATTERNS["gpt2"]
+    assert tok.vocab_size == 300 and tok.pattern == pretokenize.PATTERNS["gpt2"]
     assert (tokenizer_dir() / "sft_text.txt").read_text(encoding="utf-8") == "Say hi.\n\nHi!\n\n" + problem["question"] + "\n" + problem["answer"] + "\n"
     lesson.main(["--vocab_size", "300", "--num_workers", "1"])
     assert "skipped training" in capsys.readouterr().out

@@ -3,8 +3,8 @@ Exercise (lesson 2): token bins in nano/bins.py.
 
 Implement the bins so that:
   - stories become one flat uint16 array, each story `<bos> story <eos>`, that decodes back to the
-    original stories (read in chunks: a story cut by a chunk boundary must come out whole), the same
-    with one worker process or several;
+    original stories (nano/story_files.py reads the file in chunks: a story cut by a chunk boundary
+    must come out whole), the same with one worker process or several;
   - a vocabulary that does not fit uint16 (more than 65,536 ids) is refused;
   - bins read with another tokenizer than the one that made them are refused (TokenizerMismatchError,
     "re-run `make lesson-2`"); missing inputs name the lesson that makes them;
@@ -33,7 +33,9 @@ from conftest import load_lesson
 bins = impl("bins")
 chat = impl("chat_format")
 tokenizer_module = impl("tokenizer")
-synthetic = impl("synthetic")
+tinymath = impl("tinymath")
+story_files = impl("story_files")
+fileio = impl("fileio")
 
 NAMES = ["Tom", "Lily", "Sam", "Mia", "Ben"]
 THINGS = ["ball", "kite", "cake", "dog", "tree"]
@@ -137,7 +139,7 @@ def test_math_in_pretraining_adds_the_tinymath_train_problems(world, tmp_path):
     out = tmp_path / "bins"
     meta, _ = bins.build_bins(world.tok, world.tokenizer_path, world.raw, out, num_workers=1, math_in_pretraining=True)
     docs = [world.tok.decode(d) for d in split_documents(bins.load_pretrain_tokens("train", world.tok, out), world.tok)]
-    train_problems, _ = bins.split_tinymath(bins.read_jsonl(world.raw / "tinymath_train.jsonl"), 0.05)
+    train_problems, _ = bins.split_tinymath(fileio.read_jsonl(world.raw / "tinymath_train.jsonl"), 0.05)
     n_stories = len(world.data["stories_train"])
     assert docs[:n_stories] == world.data["stories_train"]
     assert docs[n_stories:] == [f"{p['question']}\n{p['answer']}" for p in train_problems]
@@ -148,13 +150,13 @@ def test_math_in_pretraining_adds_the_tinymath_train_problems(world, tmp_path):
 def test_arithmetic_drills_cover_every_step_of_a_solution(world, tmp_path):
     """Every "a op b = r" that a TinyMath worked answer writes is one of the drill facts, each fact
     appears exactly `repeats` times, and the drills land in train.bin after the stories."""
-    drills = bins.arithmetic_drills(repeats=2)
+    drills = tinymath.arithmetic_drills(repeats=2)
     lines = [line for doc in drills for line in doc.split("\n")]
     counts = collections.Counter(lines)
     assert set(counts.values()) == {2} and counts["So 17 + 5 = 22."] == 2 and counts["So 6 * 10 = 60."] == 2
-    for problem in synthetic.tinymath_problems(0, 300, "test"):
+    for problem in tinymath.tinymath_problems(0, 300, "test"):
         for op, (a, b) in zip(problem["operations"], problem["operands"]):
-            assert f"So {a} {op} {b} = {synthetic.OPS[op](a, b)}." in counts, problem["answer"]
+            assert f"So {a} {op} {b} = {tinymath.OPS[op](a, b)}." in counts, problem["answer"]
     out = tmp_path / "bins"
     meta, _ = bins.build_bins(world.tok, world.tokenizer_path, world.raw, out, num_workers=1, arithmetic_repeats=2)
     docs = [world.tok.decode(d) for d in split_documents(bins.load_pretrain_tokens("train", world.tok, out), world.tok)]
@@ -164,7 +166,7 @@ def test_arithmetic_drills_cover_every_step_of_a_solution(world, tmp_path):
 def test_story_chunks_and_workers_do_not_change_the_bins(world, tmp_path):
     path = world.raw / "stories_train.txt"
     for chunk_chars in (7, 13, 1000):  # tiny chunks cut stories and separators in the middle
-        got = [s for batch, _ in bins.iter_story_batches(path, stories_per_batch=3, chunk_chars=chunk_chars) for s in batch]
+        got = list(story_files.iter_story_file(path, chunk_chars=chunk_chars))
         assert got == world.data["stories_train"]
     serial = tmp_path / "serial.bin"
     parallel = tmp_path / "parallel.bin"
@@ -215,9 +217,9 @@ def test_sft_bins_hold_rendered_conversations(world):
     held_out = max(1, round(0.05 * len(world.data["tinymath_train"])))
     sources = {
         "train": [r["messages"] for r in world.data["instructions_train"]]
-        + [bins.tinymath_conversation(p) for p in world.data["tinymath_train"][:-held_out]],
+        + [tinymath.tinymath_conversation(p) for p in world.data["tinymath_train"][:-held_out]],
         "val": [r["messages"] for r in world.data["instructions_val"]]
-        + [bins.tinymath_conversation(p) for p in world.data["tinymath_train"][-held_out:]],
+        + [tinymath.tinymath_conversation(p) for p in world.data["tinymath_train"][-held_out:]],
     }
     for dataset, split in ((train, "train"), (val, "val")):
         assert len(dataset) == len(sources[split])

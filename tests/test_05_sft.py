@@ -61,14 +61,14 @@ def test_adapter_lessons_save_small_adapters(pipeline_dirs, lesson, stage):
     assert adapter.stat().st_size < base_path.stat().st_size / 3
 
     # it loads onto its own base...
-    checkpoint, sft = impl("checkpoint"), impl("sft")
+    checkpoint = impl("checkpoint")
     model, ckpt = checkpoint.load_model(base_path)
-    lora.load_adapter(model, adapter, base_identity=sft.base_identity(ckpt))
+    lora.load_adapter(model, adapter, base_identity=checkpoint.base_identity(ckpt))
     # ...and a base with other weights is refused
     other, other_ckpt = checkpoint.load_model(base_path)
     other_ckpt["model"] = {k: v + 1 for k, v in other_ckpt["model"].items()}
     with pytest.raises(ValueError, match="base"):
-        lora.load_adapter(other, adapter, base_identity=sft.base_identity(other_ckpt))
+        lora.load_adapter(other, adapter, base_identity=checkpoint.base_identity(other_ckpt))
 
 
 def test_quantized_base_cannot_be_fully_fine_tuned():

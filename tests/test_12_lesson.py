@@ -102,7 +102,7 @@ def test_discovery_evaluates_the_stages_that_exist(data, tokenizer, capsys):
 
     # validation loss: the base model's number is what validation_loss computes on the val bin
     model, _ = load_model(runs_dir() / BASE)
-    expected = evaluate.validation_loss(model, data, 96, 1, 2, tokenizer=tokenizer)
+    expected = impl("val_loss").validation_loss(model, data, 96, 1, 2, tokenizer=tokenizer)
     assert (stages["base"]["val_loss"], stages["base"]["val_bpb"]) == pytest.approx(expected)
     assert stages["lora"]["val_loss"] != pytest.approx(stages["base"]["val_loss"])  # the adapter is on
 
