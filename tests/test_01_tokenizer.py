@@ -5,7 +5,7 @@ Rebuild the tokenizer and let these tests judge it (NANO_IMPL_TOKENIZER=my_token
   1. `merge(ids, pair, new_id)` replaces each occurrence of a pair, left to right (the module also
      exports SPECIAL_TOKENS; the preset regexes, PATTERNS, come from nano/pretokenize.py, which
      cuts text into pre-tokens and counts them -- yours may import it, the reference below does).
-  2. `Tokenizer.train(...)` learns merges: the most frequent pair first, and on a TIE the
+  2. `tokenizer.Tokenizer.train(...)` learns merges: the most frequent pair first, and on a TIE the
      lexicographically greatest pair of byte strings -- check the hand-worked examples below, then
      the brute-force reference trainer written in this file, which must agree with yours.
   3. Vocabulary layout: special tokens first (<pad> 0, <eos> 1, ...), then the 256 bytes, then merges.
@@ -29,8 +29,9 @@ from nano.paths import raw_dir, tokenizer_dir
 
 tokenizer = impl("tokenizer")
 pretokenize = impl("pretokenize")
-Tokenizer = tokenizer.Tokenizer
-SPECIALS = tokenizer.SPECIAL_TOKENS
+# the special tokens the rest of the project relies on, in id order (your SPECIAL_TOKENS must equal it:
+# test_vocab_layout); names of your module are looked up inside each test, when it runs
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<|endoftext|>"]
 N_SPECIAL = len(SPECIALS)
 BASE = N_SPECIAL + 256  # the first merged token's id
 
@@ -112,7 +113,7 @@ def sample_corpus(seed: int = 0, stories: int = 300) -> str:
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.train(sample_corpus(), vocab_size=BASE + 120, num_workers=1, progress=False)
+    return tokenizer.Tokenizer.train(sample_corpus(), vocab_size=BASE + 120, num_workers=1, progress=False)
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def test_hand_checked_merges_with_ties():
     """
     words = ["low"] * 5 + ["lower"] * 2 + ["newest"] * 6 + ["widest"] * 3
     text = "<|endoftext|>".join(words)
-    tok = Tokenizer.train(text, vocab_size=BASE + 12, num_workers=1, progress=False)
+    tok = tokenizer.Tokenizer.train(text, vocab_size=BASE + 12, num_workers=1, progress=False)
     expected = [(b"s", b"t"), (b"e", b"st"), (b"o", b"w"), (b"l", b"ow"), (b"w", b"est"), (b"n", b"e"),
                 (b"ne", b"west"), (b"w", b"i"), (b"wi", b"d"), (b"wid", b"est"), (b"low", b"e"), (b"lowe", b"r")]
     assert tok.merges == expected
@@ -147,7 +148,7 @@ def test_tie_between_a_string_and_its_prefix():
     b"ab" > b"a" (a prefix sorts first), so (ab,c) wins. A tie-break key that forgets the prefix
     rule (comparing inverted bytes without an end marker, say) picks (a,x) here."""
     text = "<|endoftext|>".join(["abc", "abc", "ab", "ax", "ax"])
-    tok = Tokenizer.train(text, vocab_size=BASE + 3, num_workers=1, progress=False)
+    tok = tokenizer.Tokenizer.train(text, vocab_size=BASE + 3, num_workers=1, progress=False)
     assert tok.merges == [(b"a", b"b"), (b"ab", b"c"), (b"a", b"x")]
 
 
@@ -165,14 +166,14 @@ def test_agrees_with_brute_force_reference(pattern):
         expected = reference_train(text, num_merges, pattern, SPECIALS)
         if not regex.sub("<\\|endoftext\\|>", "", text):
             continue
-        tok = Tokenizer.train(text, vocab_size=BASE + num_merges, pattern=pattern, num_workers=1, progress=False)
+        tok = tokenizer.Tokenizer.train(text, vocab_size=BASE + num_merges, pattern=pattern, num_workers=1, progress=False)
         assert tok.merges == expected, (text, pattern)
 
 
 def test_vocab_layout(tok):
     """Specials get the lowest ids in SPECIAL_TOKENS order, then byte b is id len(specials) + b,
     then one id per merge; vocab_size counts them all."""
-    assert SPECIALS[:3] == ["<pad>", "<eos>", "<bos>"]
+    assert tokenizer.SPECIAL_TOKENS == SPECIALS and SPECIALS[:3] == ["<pad>", "<eos>", "<bos>"]
     assert tok.special_tokens == {s: i for i, s in enumerate(SPECIALS)}
     assert all(tok.vocab[i] == s.encode() for i, s in enumerate(SPECIALS))
     assert all(tok.vocab[N_SPECIAL + b] == bytes([b]) for b in range(256))
@@ -218,7 +219,7 @@ def test_special_tokens_become_single_ids(tok):
 
 def test_overlapping_special_tokens_longest_first():
     """With specials "<a>" and "<a><b>", "<a><b>" is one token and "<a><a><b>" is "<a>" + "<a><b>"."""
-    tok = Tokenizer.train("x<a>y<a><b>z xyz", vocab_size=2 + 256 + 3, special_tokens=["<a>", "<a><b>"], num_workers=1, progress=False)
+    tok = tokenizer.Tokenizer.train("x<a>y<a><b>z xyz", vocab_size=2 + 256 + 3, special_tokens=["<a>", "<a><b>"], num_workers=1, progress=False)
     a, ab = tok.special_tokens["<a>"], tok.special_tokens["<a><b>"]
     assert tok.encode("<a><b>") == [ab]
     assert tok.encode("<a><a><b>") == [a, ab]
@@ -242,8 +243,8 @@ def test_digits_are_split_one_by_one():
     the tokens 2, 0, 2, 4; GPT-4's pattern (groups of up to 3 digits) learns multi-digit tokens."""
     rng = random.Random(2)
     numbers = " ".join(str(rng.choice([7, 42, 100, 2024, rng.randint(0, 999)])) for _ in range(3000))
-    nano = Tokenizer.train(numbers, vocab_size=BASE + 30, pattern="nano", num_workers=1, progress=False)
-    gpt4 = Tokenizer.train(numbers, vocab_size=BASE + 30, pattern="gpt4", num_workers=1, progress=False)
+    nano = tokenizer.Tokenizer.train(numbers, vocab_size=BASE + 30, pattern="nano", num_workers=1, progress=False)
+    gpt4 = tokenizer.Tokenizer.train(numbers, vocab_size=BASE + 30, pattern="gpt4", num_workers=1, progress=False)
     assert [nano.vocab[i] for i in nano.encode("2024")] == [b"2", b"0", b"2", b"4"]
     assert not any(sum(c.isdigit() for c in token.decode("utf-8", "replace")) > 1 for token in nano.vocab.values())
     assert [gpt4.vocab[i] for i in gpt4.encode("2024")] == [b"202", b"4"]
@@ -291,7 +292,7 @@ def test_a_pattern_of_your_own():
     """`pattern` may be any regex, not only a preset name: it is saved and used as given."""
     text = sample_corpus(seed=9, stories=80)
     mine = r"\S+|\s+"
-    tok = Tokenizer.train(text, vocab_size=BASE + 40, pattern=mine, num_workers=1, progress=False)
+    tok = tokenizer.Tokenizer.train(text, vocab_size=BASE + 40, pattern=mine, num_workers=1, progress=False)
     assert tok.pattern == mine
     assert tok.merges == reference_train(text, 40, mine, SPECIALS)
     assert tok.encode(text) == reference_encode(tok, text)
@@ -306,10 +307,10 @@ def test_gpt2_pattern_deterministic_across_runs_and_workers(tmp_path):
     """GPT-2-style training on a small corpus: identical merges for 1 or 2 worker processes, twice."""
     path = tmp_path / "corpus.txt"
     path.write_text(sample_corpus(seed=5, stories=400), encoding="utf-8")
-    runs = [Tokenizer.train(path, vocab_size=BASE + 80, pattern="gpt2", num_workers=w, progress=False) for w in (1, 2, 2)]
+    runs = [tokenizer.Tokenizer.train(path, vocab_size=BASE + 80, pattern="gpt2", num_workers=w, progress=False) for w in (1, 2, 2)]
     assert runs[0].merges == runs[1].merges == runs[2].merges
     assert runs[0].fingerprint() == runs[1].fingerprint()
-    from_text = Tokenizer.train(path.read_text(encoding="utf-8"), vocab_size=BASE + 80, pattern="gpt2", num_workers=2, progress=False)
+    from_text = tokenizer.Tokenizer.train(path.read_text(encoding="utf-8"), vocab_size=BASE + 80, pattern="gpt2", num_workers=2, progress=False)
     assert from_text.merges == runs[0].merges
 
 
@@ -321,17 +322,17 @@ def test_save_load_identical(tok, tmp_path):
     path = tok.save(tmp_path / "tokenizer.json")
     text = path.read_text(encoding="utf-8")
     assert '"merges"' in text and '"pattern"' in text and '"version"' in text  # readable JSON
-    loaded = Tokenizer.load(path)
+    loaded = tokenizer.Tokenizer.load(path)
     assert loaded.fingerprint() == tok.fingerprint()
     assert loaded.merges == tok.merges and loaded.vocab == tok.vocab and loaded.pattern == tok.pattern
     for s in ROUND_TRIP:
         assert loaded.encode(s) == tok.encode(s)
-    rebuilt = Tokenizer(tok.vocab, tok.merges, special_tokens=SPECIALS, pattern=tok.pattern)
+    rebuilt = tokenizer.Tokenizer(tok.vocab, tok.merges, special_tokens=SPECIALS, pattern=tok.pattern)
     assert rebuilt.encode(ROUND_TRIP[3]) == tok.encode(ROUND_TRIP[3])
 
 
 def test_fingerprint_tells_tokenizers_apart(tok):
-    other = Tokenizer.train(sample_corpus(), vocab_size=BASE + 119, num_workers=1, progress=False)
+    other = tokenizer.Tokenizer.train(sample_corpus(), vocab_size=BASE + 119, num_workers=1, progress=False)
     assert other.fingerprint() != tok.fingerprint()
     assert isinstance(tok.fingerprint(), str) and 8 <= len(tok.fingerprint()) <= 64
 
@@ -342,21 +343,21 @@ def test_fingerprint_tells_tokenizers_apart(tok):
 
 def test_vocab_too_small_is_an_error():
     with pytest.raises(ValueError, match="too small"):
-        Tokenizer.train("some text", vocab_size=BASE - 1, progress=False)
+        tokenizer.Tokenizer.train("some text", vocab_size=BASE - 1, progress=False)
 
 
 def test_empty_corpus_is_an_error():
     with pytest.raises(ValueError, match="empty"):
-        Tokenizer.train("", vocab_size=BASE + 10, progress=False)
+        tokenizer.Tokenizer.train("", vocab_size=BASE + 10, progress=False)
     with pytest.raises(ValueError, match="empty"):
-        Tokenizer.train("<|endoftext|><eos>", vocab_size=BASE + 10, progress=False)
+        tokenizer.Tokenizer.train("<|endoftext|><eos>", vocab_size=BASE + 10, progress=False)
 
 
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="lesson-0"):
-        Tokenizer.train(tmp_path / "nope.txt", vocab_size=BASE + 10, progress=False)
+        tokenizer.Tokenizer.train(tmp_path / "nope.txt", vocab_size=BASE + 10, progress=False)
     with pytest.raises(FileNotFoundError, match="lesson-1"):
-        Tokenizer.load(tmp_path / "nope.json")
+        tokenizer.Tokenizer.load(tmp_path / "nope.json")
 
 
 def test_corrupt_file_is_an_error(tok, tmp_path):
@@ -364,10 +365,10 @@ def test_corrupt_file_is_an_error(tok, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(ValueError, match="corrupt"):
-        Tokenizer.load(path)
+        tokenizer.Tokenizer.load(path)
     path.write_text(data.decode().replace('"merges": [\n    [', '"merges": [\n    [999999, '), encoding="utf-8")  # edited
     with pytest.raises(ValueError, match="corrupt"):
-        Tokenizer.load(path)
+        tokenizer.Tokenizer.load(path)
 
 
 # -----------------------------------------------------------------------------
@@ -393,7 +394,7 @@ def test_lesson_script_trains_saves_and_skips(nano_dirs, capsys):
     lesson.main(["--vocab_size", "300", "--num_workers", "1"])
     out = capsys.readouterr().out
     assert "bytes per token" in out and "[" in out and "skipped" not in out  # the new text means a new tokenizer
-    tok = Tokenizer.load(tokenizer_dir() / "tokenizer.json")
+    tok = tokenizer.Tokenizer.load(tokenizer_dir() / "tokenizer.json")
     assert tok.vocab_size == 300 and tok.pattern == pretokenize.PATTERNS["gpt2"]
     assert (tokenizer_dir() / "sft_text.txt").read_text(encoding="utf-8") == "Say hi.\n\nHi!\n\n" + problem["question"] + "\n" + problem["answer"] + "\n"
     lesson.main(["--vocab_size", "300", "--num_workers", "1"])
