@@ -85,3 +85,22 @@ def test_unknown_flag_names_the_field(pipeline_dirs, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "learning_rate" in err and "lr" in err
+
+
+def test_resumed_lesson_run_equals_an_unbroken_one(pipeline_dirs):
+    """Lesson 4's own batches (make_batch in lessons/04_pretrain.py) must be a function of
+    (seed, step, row): a run stopped after 2 steps and resumed computes what an unbroken run does."""
+    common = ["--context_len", "64", "--micro_batch_size", "8", "--batch_size", "8", "--schedule", "constant",
+              "--warmup_steps", "1", "--eval_every", "2", "--eval_batches", "1", "--samples", "0"]
+    run_lesson("04_pretrain", *common, "--steps", "4", "--run_name", "unbroken")
+    run_lesson("04_pretrain", *common, "--steps", "2", "--run_name", "broken")
+    run_lesson("04_pretrain", *common, "--steps", "4", "--run_name", "broken", "--resume")
+
+    def losses(name):
+        rows = [json.loads(line) for line in (pipeline_dirs / "runs/pretrain" / name / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    unbroken, broken = losses("unbroken"), losses("broken")
+    assert sorted(broken) == [0, 1, 2, 3]
+    for step in range(4):
+        assert broken[step] == pytest.approx(unbroken[step], rel=1e-5), step
