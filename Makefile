@@ -106,8 +106,9 @@ check-%: setup ## one lesson's tests: make check-1, or one test: make check-1 K=
 exercise-%: setup ## a starting point for lesson N's module in exercises/ (FN=name: one function only)
 	@$(PY) tests/make_exercise.py $* $(if $(FN),--only $(FN))
 
-bench: setup ## speed benchmarks: tables measured side by side on this machine
+bench: setup ## speed benchmarks: tables measured side by side on this machine, then one summary table
 	@for b in bench/bench_*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done
+	@echo "==> summary (runs/bench/results.jsonl)"; $(PY) bench/results.py
 
 clean: ## remove generated data and runs (keeps .venv; `rm -rf .venv` for that)
 	rm -rf data/raw data/tokenizer data/bins runs

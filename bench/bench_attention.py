@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+from results import record  # noqa: E402  (bench/results.py: the summary table of make bench)
 
 SEQ_LENS = (512, 1024, 2048, 4096)
 TOKENS_PER_BATCH = 32768  # B * T for every row: B = 64 at T = 512 ... 8 at T = 4096
@@ -126,6 +127,10 @@ def speed_table() -> None:
               f"{tflops['fwd ours'] / tflops['fwd sdpa']:>5.2f}x {tflops['fwd cap']:>9.1f} | "
               f"{tflops['f+b ours']:>9.1f} {tflops['f+b sdpa']:>9.1f} "
               f"{tflops['f+b ours'] / tflops['f+b sdpa']:>5.2f}x {tflops['f+b cap']:>9.1f}")
+        record("bench_attention", f"fused MQA attention vs SDPA, T={seq_len}, bf16, {torch.cuda.get_device_name()}",
+               f"forward {tflops['fwd ours']:.0f} vs {tflops['fwd sdpa']:.0f} TFLOP/s "
+               f"({tflops['fwd ours'] / tflops['fwd sdpa']:.2f}x); fwd+bwd {tflops['f+b ours']:.0f} vs "
+               f"{tflops['f+b sdpa']:.0f} TFLOP/s ({tflops['f+b ours'] / tflops['f+b sdpa']:.2f}x)")
         del q, k, v, sdpa_inputs
     print(f"SDPA: flash backend, {how_sdpa}, no soft-cap. ratio = ours / SDPA (goal: forward >= 0.8x).")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+from results import record  # noqa: E402  (bench/results.py: the summary table of make bench)
 from nano.generate import generate  # noqa: E402
 from nano.model import GemmaNano, model_config  # noqa: E402
 from nano.nf4 import quantize_model  # noqa: E402
@@ -121,6 +122,11 @@ def main() -> None:
               f"| {r['vs_fp32']:.2f}x | {same} | {r['runs']} |")
     print("\ntokens/s = new tokens / wall time of the whole call (prefill of the short prompt included); "
           "— = not timed (see --nf4_no_cache)")
+    for r in rows:
+        cached = f"{r['cache']:,.1f} tok/s"
+        if r["same"] is not None:
+            cached += f" with the KV cache vs {r['no_cache']:,.1f} without ({r['cache'] / r['no_cache']:.1f}x)"
+        record("bench_generate", f"greedy decode, batch 1, {r['preset']} {r['weights']}", cached)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+from results import record  # noqa: E402  (bench/results.py: the summary table of make bench)
 from nano.attention import attention  # noqa: E402
 from nano.model import (DecoderLayer, GemmaNano, apply_rope, model_config, rope_cos_sin,  # noqa: E402
                         softcapped_cross_entropy)
@@ -237,6 +238,9 @@ def main() -> None:
                       f"gpt {tps_gpt / base[4]:.2f}x")
     print("tok/s: median step. ratio: median over neighbouring step pairs of GPT time / Gemma time "
           "(> 1 = Gemma faster; goal >= 1.00x). The CPU is shared: expect +-10% between runs.")
+    for label, _, _, tps_gemma, tps_gpt, ratio in rows:
+        record("bench_model", f"training tok/s, {label}: Gemma-2 Nano vs same-size GPT (SDPA), fwd+bwd+AdamW",
+               f"{tps_gemma:,.0f} vs {tps_gpt:,.0f} ({ratio:.2f}x)")
 
 
 if __name__ == "__main__":

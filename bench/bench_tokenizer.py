@@ -42,6 +42,7 @@ from pathlib import Path
 from nano.paths import data_dir
 from nano.pretokenize import PATTERNS
 from nano.tokenizer import SPECIAL_TOKENS, Tokenizer
+from results import record  # bench/results.py: the summary table of make bench
 
 MB = 1_000_000
 SEPARATOR = "<|endoftext|>"
@@ -346,6 +347,9 @@ def main() -> None:
     print(f"|{'-' * 46}|{'-' * 10}|{'-' * 15}|{'-' * 8}|{'-' * 14}|")
     for name, ours, theirs, rat, target in rows:
         print(f"| {name:<44} | {ours:>8} | {theirs:>13} | {rat:>6} | {target:<12} |")
+    for name, ours, theirs, rat, target in rows[:4]:  # training time, memory, vocab, batch encoding
+        record("bench_tokenizer", f"BPE {name} ({size_mb:.0f} MB, vocab {args.vocab_size}): ours vs tokenizers",
+               f"{ours} vs {theirs}" + (f" ({rat})" if rat and rat != "-" else ""))
     print()
     print(f"encode_iterable over {args.encode_mb:g} MB ({stream['tokens']:,} tokens): RSS start {r['start']:.0f} MB, "
           f"middle {r['middle']:.0f} MB, end {r['end']:.0f} MB (growth {r['end'] - r['start']:+.0f} MB)")
