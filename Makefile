@@ -17,15 +17,23 @@ K          ?=
 # one function for exercise-N: make exercise-2 FN=sft_batch
 FN         ?=
 
-# outputs that later lessons read; Make builds a missing one with the lesson that makes it
-RAW  := data/raw/manifest.json
-TOK  := data/tokenizer/tokenizer.json
-BINS := data/bins/meta.json
-BASE := runs/pretrain/default/checkpoints/ckpt_best.pth
-# lesson 5's fine-tuned model: where the reward model, DPO, GRPO and PPO (lessons 8-11) start
+# Each lesson that finishes leaves a stamp, runs/.done/lesson-N. A lesson depends on the stamps of
+# the lessons it reads from, so `make lesson-9` first runs whatever it builds on that has not
+# finished, and `make all` run again skips everything done. A lesson cut short (Ctrl-C, a crash)
+# leaves no stamp, so the next make runs it again: its half-written run is never taken for a
+# finished one (add ARGS=--resume to continue a training lesson instead of restarting it).
+DONE := runs/.done
+done = $(DONE)/lesson-$(1)
+# lesson 5's fine-tuned model: the reward model, DPO, GRPO and PPO (lessons 8-11) start from it,
+# and `make all` exports it to the Hugging Face format
 SFT  := runs/sft/full/default/checkpoints/ckpt_best.pth
+EXPORT_DIR := runs/export/sft-full
+# what `make all` passes to the lessons that would otherwise wait for you: one chat answer, and a
+# serving self-check (start the server, concurrent clients over HTTP, the numbers, stop)
+ALL_ARGS_13 := --prompt 'Write a short story about a cat.'
+ALL_ARGS_14 := --self_check
 
-.PHONY: help setup all test bench clean $(addprefix lesson-,0 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
+.PHONY: help setup all test bench clean export $(addprefix lesson-,0 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,61 +46,65 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	@touch $@
 
-# lesson N runs lessons/NN_*.py; a lesson whose script does not exist yet says so and fails
+# lesson N runs lessons/NN_*.py, says how long it took, and stamps it done; a lesson whose script
+# does not exist yet says so and fails
 run_lesson = script=$$(ls lessons/$$(printf %02d $(1))_*.py 2>/dev/null | head -1); \
 	if [ -z "$$script" ]; then echo "lesson $(1) is not built yet (no lessons/$$(printf %02d $(1))_*.py)"; exit 1; fi; \
-	echo "==> $$script $(2)"; $(PY) $$script $(2)
+	echo "==> $$script $(2)"; start=$$(date +%s); $(PY) $$script $(2) && \
+	mkdir -p $(DONE) && touch $(call done,$(1)) && echo "<== lesson $(1) took $$(( $$(date +%s) - start )) s"
 
-$(RAW): | setup
-	@$(call run_lesson,0,)
-$(TOK): $(RAW)
-	@$(call run_lesson,1,)
-$(BINS): $(TOK)
-	@$(call run_lesson,2,)
-$(BASE): $(BINS)
-	@$(call run_lesson,4,)
-$(SFT): $(BASE)
-	@$(call run_lesson,5,)
+# what each lesson reads from (the rule below runs a lesson whose stamp is missing or older)
+$(call done,0) $(call done,3): | setup
+$(call done,1): $(call done,0)
+$(call done,2): $(call done,1)
+$(call done,4): $(call done,2)
+$(call done,5) $(call done,6) $(call done,7) $(call done,12) $(call done,13) $(call done,14): $(call done,4)
+$(call done,8) $(call done,9) $(call done,10) $(call done,11): $(call done,5)
+$(DONE)/lesson-%:
+	@$(call run_lesson,$*,$(ALL_ARGS_$*))
 
 lesson-0: setup ## data: the built-in corpus (or --source tinystories) into data/raw/
 	@$(call run_lesson,0,$(ARGS))
-lesson-1: $(RAW) ## tokenizer: train byte-level BPE into data/tokenizer/
+lesson-1: $(call done,0) ## tokenizer: train byte-level BPE into data/tokenizer/
 	@$(call run_lesson,1,$(ARGS))
-lesson-2: $(TOK) ## bins: encode stories, conversations and preferences into data/bins/
+lesson-2: $(call done,1) ## bins: encode stories, conversations and preferences into data/bins/
 	@$(call run_lesson,2,$(ARGS))
 lesson-3: setup ## the model: Gemma-2 Nano tour, MQA arithmetic, Triton kernel vs reference
 	@$(call run_lesson,3,$(ARGS))
-lesson-4: $(BINS) ## pretraining into runs/pretrain/default/ (NPROC=2 for DDP)
-	@if [ "$(NPROC)" -gt 1 ]; then $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) lessons/04_pretrain.py $(ARGS); \
-	else $(call run_lesson,4,$(ARGS)); fi
-lesson-5: $(BASE) ## full supervised fine-tuning
+lesson-4: $(call done,2) ## pretraining into runs/pretrain/default/ (NPROC=2 for DDP)
+	@if [ "$(NPROC)" -gt 1 ]; then $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) lessons/04_pretrain.py $(ARGS) \
+		&& mkdir -p $(DONE) && touch $(call done,4); else $(call run_lesson,4,$(ARGS)); fi
+lesson-5: $(call done,4) ## full supervised fine-tuning
 	@$(call run_lesson,5,$(ARGS))
-lesson-6: $(BASE) ## LoRA fine-tuning
+lesson-6: $(call done,4) ## LoRA fine-tuning
 	@$(call run_lesson,6,$(ARGS))
-lesson-7: $(BASE) ## QLoRA fine-tuning on our own NF4
+lesson-7: $(call done,4) ## QLoRA fine-tuning on our own NF4
 	@$(call run_lesson,7,$(ARGS))
-lesson-8: $(SFT) ## reward model
+lesson-8: $(call done,5) ## reward model
 	@$(call run_lesson,8,$(ARGS))
-lesson-9: $(SFT) ## DPO
+lesson-9: $(call done,5) ## DPO
 	@$(call run_lesson,9,$(ARGS))
-lesson-10: $(SFT) ## GRPO
+lesson-10: $(call done,5) ## GRPO
 	@$(call run_lesson,10,$(ARGS))
-lesson-11: $(SFT) ## PPO
+lesson-11: $(call done,5) ## PPO
 	@$(call run_lesson,11,$(ARGS))
-lesson-12: $(BASE) ## evaluation of every stage side by side
+lesson-12: $(call done,4) ## evaluation of every stage side by side
 	@$(call run_lesson,12,$(ARGS))
-lesson-13: $(BASE) ## chat in the terminal (make lesson-13 ARGS='--prompt "Hi"' for one answer)
+lesson-13: $(call done,4) ## chat in the terminal (make lesson-13 ARGS='--prompt "Hi"' for one answer)
 	@$(call run_lesson,13,$(ARGS))
-lesson-14: $(BASE) ## serving: paged KV cache, continuous batching, OpenAI-style API
+lesson-14: $(call done,4) ## serving: paged KV cache, continuous batching, OpenAI-style API, chat page
 	@$(call run_lesson,14,$(ARGS))
 
-all: setup ## run every lesson that exists so far, in order, on the CPU preset
-	@for n in 0 1 2 3 4 5 6 7 8 9 10 11 12 13; do \
-		script=$$(ls lessons/$$(printf %02d $$n)_*.py 2>/dev/null | head -1); \
-		if [ -z "$$script" ]; then echo "==> lesson $$n is not built yet, skipped"; continue; fi; \
-		args=""; if [ $$n = 13 ]; then args='--prompt "Write a short story about a cat."'; fi; \
-		$(MAKE) --no-print-directory lesson-$$n ARGS="$$args" || exit 1; \
-	done
+export_sft = echo "==> python -m nano.export $(SFT) $(EXPORT_DIR)"; \
+	$(PY) -m nano.export $(SFT) $(EXPORT_DIR) --force && touch $(DONE)/export
+export: $(call done,5) ## the fine-tuned model as a Hugging Face folder (runs/export/sft-full/)
+	@$(export_sft)
+$(DONE)/export: $(call done,5)
+	@$(export_sft)
+
+# every lesson in order on the CPU preset, then an export; lessons already done are skipped
+all: setup $(foreach n,0 1 2 3 4 5 6 7 8 9 10 11 12 13 14,$(call done,$(n))) $(DONE)/export ## every lesson, in order, on the CPU preset (skips what is done)
+	@echo "make all: every lesson is done (runs/.done/); rerun one with make lesson-N, or start over with make clean"
 
 test: setup ## run the whole test suite
 	$(PY) -m pytest -q
