@@ -71,6 +71,27 @@ NF4_CODE = nf4_code_values()  # (16,) float32, index order: NF4_CODE[0] = -1.0, 
 # float32, like the constants of bitsandbytes' CUDA decision tree (`if (x > 0.8614784f) ...`).
 NF4_MIDPOINTS = ((NF4_CODE[:-1].double() + NF4_CODE[1:].double()) / 2).float()  # (15,)
 
+# Both code values of every possible byte, (256, 2): NF4_PAIRS[b] = [NF4_CODE[b >> 4], NF4_CODE[b & 15]].
+# Dequantizing through it is one lookup per byte instead of unpacking two nibbles into a long index
+# per weight: the same numbers, several times less memory traffic (decoding dequantizes every step).
+NF4_PAIRS = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0x0F]], dim=1)
+# subtle: the same table with each row's 8 bytes seen as ONE int64. Gathering 8-byte items from a flat
+# table is ~2.5x faster in PyTorch than gathering rows of two floats; the bits are only copied, so
+# viewing the result as float32 again gives exactly the two code values.
+NF4_PAIRS_AS_INT64 = NF4_PAIRS.contiguous().view(torch.int64).view(-1)  # (256,)
+
+
+def dequantize_packed(packed: torch.Tensor, block_scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Whole blocks of packed NF4 bytes -> fp32 weights (n_blocks, blocksize): code values * block absmax.
+
+    >>> dequantize_packed(torch.tensor([0xC0, 0x87], dtype=torch.uint8), torch.tensor([2.0]), 4)
+    tensor([[ 0.8814, -2.0000,  0.1592,  0.0000]])
+    """
+    table = NF4_PAIRS_AS_INT64.to(packed.device)
+    pairs = table.index_select(0, packed.int()).view(torch.float32)  # (2 * bytes,): both values of each byte
+    return pairs.view(-1, blocksize) * block_scales[:, None]
+
+
 # double quantization: the absmax values are quantized in blocks of this many (QLoRA paper: 256)
 DQ_BLOCKSIZE = 256
 
@@ -231,6 +252,10 @@ def dequantize_nf4(state: QuantState, dtype: torch.dtype | None = None) -> torch
 
     The product is taken in fp32 and only then cast, as bitsandbytes does.
     """
+    if state.numel % state.blocksize == 0:
+        # the usual case (whole blocks, so whole bytes): each byte looks up its two code values at once
+        weights = dequantize_packed(state.packed, state.block_scales(), state.blocksize)  # (n_blocks, blocksize)
+        return weights.view(state.shape).to(dtype or state.dtype)
     # footgun: index with int64, not uint8 (a uint8 index tensor would be read as a boolean mask)
     indices = unpack_nibbles(state.packed, state.numel).long()  # (numel,)
     values = NF4_CODE.to(indices.device)[indices]  # (numel,) fp32 in [-1, 1]

@@ -1,0 +1,231 @@
+"""
+Exercise (lesson 14): write `nano/engine.py`, continuous batching over the paged KV cache.
+
+Implement `Engine(model, tokenizer, num_blocks, block_size, ...)` with
+  - `submit(prompt_ids, SamplingParams)` -> request id (thread-safe), `stream(request_id)` -> events
+    {"index", "text", "token_ids", "finish_reason"}, `cancel(request_id)`, `start()` / `shutdown()`
+    for a background loop, and `generate(prompts, params)` that runs to completion in this thread;
+  - `step()`: admit waiting sequences whose blocks fit, give every running sequence one more slot
+    (preempting the NEWEST when the pool is dry: free its blocks, requeue it at the front, recompute
+    later), one model call over the new prompts and one token of every running sequence, then
+    per-request sampling, stop tokens, stop strings and token limits;
+  - n > 1: the choices fork off the prompt's blocks (shared, copy-on-write).
+
+The checks: greedy outputs of many requests at once equal `generate` one at a time; the same under
+a pool so small that sequences get preempted; cancelling frees every block; a thousand short
+requests leave the pool exactly as it started. The model is the real GemmaNano at a toy size.
+"""
+
+import threading
+
+import pytest
+import torch
+
+from adapters import impl
+from toy_models import CORPUS
+
+engine_mod = impl("engine")
+generate_mod = impl("generate")
+model_mod = impl("model")
+
+from nano.tokenizer import Tokenizer  # noqa: E402
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = model_mod.model_config(
+        "tiny", vocab_size=VOCAB, context_len=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+        head_dim=16, d_ff=64, sliding_window=8, query_pre_attn_scalar=16.0, attn_impl="eager",
+    )
+    return model_mod.GemmaNano(cfg).eval()
+
+
+def random_prompts(count: int, seed: int, longest: int = 20) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, longest, (count,), generator=g).tolist()
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def pool_is_pristine(engine) -> bool:
+    allocator = engine.cache.allocator
+    return (allocator.num_free == engine.cache.num_blocks and all(r == 0 for r in allocator.ref_counts)
+            and not engine.running and not engine.waiting)
+
+
+def test_concurrent_greedy_equals_generate_alone(model):
+    prompts = random_prompts(16, seed=1)
+    prompts += [prompts[3] + [7, 8, 9], prompts[3][:5]]  # shared prefixes: the prefix cache is used
+    stops = (5, 9)  # some replies end at a stop token (kept as their last id, as generate does)
+    alone = [generate_mod.generate(model, p, max_new_tokens=24, stop_tokens=stops) for p in prompts]
+    engine = engine_mod.Engine(model, block_size=4, max_running=32)
+    outputs = engine.generate(prompts, engine_mod.SamplingParams(max_tokens=24, stop_token_ids=stops))
+    assert [o["token_ids"] for o in outputs] == alone
+    for o, a in zip(outputs, alone):
+        assert o["finish_reason"] == ("stop" if a[-1] in stops else "length")
+    assert pool_is_pristine(engine)
+
+
+def test_context_length_ends_a_reply_as_generate_does(model):
+    prompt = random_prompts(1, seed=2, longest=60)[0] + [1] * 40  # close to the 64-token context
+    engine = engine_mod.Engine(model, block_size=4)
+    out = engine.generate([prompt], engine_mod.SamplingParams(max_tokens=100))[0]
+    assert out["token_ids"] == generate_mod.generate(model, prompt, max_new_tokens=100)
+    assert out["finish_reason"] == "length" and len(prompt) + len(out["token_ids"]) == 64
+
+
+def test_preemption_under_a_small_pool_gives_the_same_outputs(model):
+    prompts = random_prompts(10, seed=3)
+    alone = [generate_mod.generate(model, p, max_new_tokens=30) for p in prompts]
+    # 14 blocks of 4 = 56 slots: two or three sequences at a time, so the pool runs dry mid-reply
+    engine = engine_mod.Engine(model, num_blocks=14, block_size=4, prefix_caching=False)
+    outputs = engine.generate(prompts, engine_mod.SamplingParams(max_tokens=30))
+    assert engine.preemptions > 0, "the pool was meant to be too small for all of them"
+    assert [o["token_ids"] for o in outputs] == alone
+    assert pool_is_pristine(engine)
+
+
+def test_cancellation_frees_every_block_at_once(model):
+    engine = engine_mod.Engine(model, num_blocks=40, block_size=4)
+    ids = [engine.submit(p, engine_mod.SamplingParams(max_tokens=50)) for p in random_prompts(6, seed=4)]
+    for _ in range(5):
+        engine.step()
+    assert engine.cache.allocator.num_used > 0
+    for request_id in ids[:3]:
+        engine.cancel(request_id)
+    # the cancelled sequences hold nothing; the others go on
+    cancelled = {s.seq_id for i in ids[:3] for s in engine.requests[i].sequences}
+    assert not any(s.seq_id in cancelled for s in engine.running + list(engine.waiting))
+    used_by_rest = {b for s in engine.running for b in s.blocks.block_table}
+    assert engine.cache.allocator.num_used == len(used_by_rest)
+    for request_id in ids[3:]:
+        engine.cancel(request_id)
+    assert pool_is_pristine(engine)
+    events = list(engine.stream(ids[0]))
+    assert events[-1]["finish_reason"] == "cancelled"
+
+
+def test_a_thousand_short_requests_leave_the_pool_as_it_started(model):
+    engine = engine_mod.Engine(model, num_blocks=64, block_size=4, max_running=64, max_waiting=1000)
+    prompts = [[i % VOCAB, (3 * i) % VOCAB, 1 + i % 7] for i in range(1000)]
+    outputs = engine.generate(prompts, engine_mod.SamplingParams(max_tokens=3))
+    assert all(len(o["token_ids"]) == 3 for o in outputs)
+    assert pool_is_pristine(engine)
+    assert not engine.requests  # every request was released
+
+
+def test_n_choices_fork_and_match_separate_seeded_requests(model):
+    prompt = random_prompts(1, seed=5, longest=15)[0] + [3, 4, 5]
+    params = dict(max_tokens=12, temperature=1.0, seed=11)
+    engine = engine_mod.Engine(model, block_size=4)
+    forked = engine.generate([prompt], engine_mod.SamplingParams(n=3, **params))[0]["choices"]
+    assert len(forked) == 3
+    # choice i is what a request of its own with seed + i writes (the fork copied the shared block
+    # before writing into it, so no choice saw another's tokens)
+    for i, choice in enumerate(forked):
+        alone = engine.generate([prompt], engine_mod.SamplingParams(**{**params, "seed": 11 + i}))[0]
+        assert choice["token_ids"] == alone["token_ids"]
+    assert len({tuple(c["token_ids"]) for c in forked}) > 1  # different seeds, different samples
+    assert pool_is_pristine(engine)
+
+
+def test_sampling_is_per_request_and_seeded(model):
+    prompt = [1, 2, 3, 4]
+    engine = engine_mod.Engine(model, block_size=4)
+    p = engine_mod.SamplingParams(max_tokens=10, temperature=1.2, top_p=0.9, seed=3)
+    # the same seeded request twice in one batch, next to a greedy one: equal samples, greedy unchanged
+    a, b, greedy = engine.generate([prompt, prompt, prompt], [p, p, engine_mod.SamplingParams(max_tokens=10)])
+    assert a["token_ids"] == b["token_ids"]
+    assert greedy["token_ids"] == generate_mod.generate(model, prompt, max_new_tokens=10)
+
+
+def test_stop_strings_and_streamed_text():
+    tokenizer = Tokenizer.train(CORPUS, vocab_size=300, progress=False)
+    torch.manual_seed(0)
+    cfg = model_mod.model_config("tiny", vocab_size=tokenizer.vocab_size, context_len=64, d_model=32, n_layers=2,
+                                 n_heads=2, head_dim=16, d_ff=64, sliding_window=8, query_pre_attn_scalar=16.0)
+    model = model_mod.GemmaNano(cfg).eval()
+    engine = engine_mod.Engine(model, tokenizer, block_size=4).start()
+    try:
+        prompt = tokenizer.encode("Once upon a time")
+        request_id = engine.submit(prompt, engine_mod.SamplingParams(max_tokens=40))
+        events = list(engine.stream(request_id, timeout=30))
+        full = "".join(e["text"] for e in events)
+        assert full == engine.requests[request_id].sequences[0].text
+        assert sum(len(e["token_ids"]) for e in events) == 40 and events[-1]["finish_reason"] == "length"
+        # a stop string taken from the middle of that text ends the reply just before it
+        stop = full[len(full) // 2: len(full) // 2 + 3]
+        request_id = engine.submit(prompt, engine_mod.SamplingParams(max_tokens=40, stop=(stop,)))
+        events = list(engine.stream(request_id, timeout=30))
+        text = "".join(e["text"] for e in events)
+        assert events[-1]["finish_reason"] == "stop" and stop not in text and full.startswith(text)
+        assert text == full[:full.find(stop)]
+    finally:
+        engine.shutdown()
+
+
+def test_submit_from_many_threads(model):
+    prompts = random_prompts(12, seed=6)
+    alone = [generate_mod.generate(model, p, max_new_tokens=16) for p in prompts]
+    engine = engine_mod.Engine(model, block_size=4).start()
+    results = [None] * len(prompts)
+
+    def client(i):
+        request_id = engine.submit(prompts[i], engine_mod.SamplingParams(max_tokens=16))
+        results[i] = [t for e in engine.stream(request_id, timeout=30) for t in e["token_ids"]]
+        engine.release(request_id)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        engine.shutdown()
+    assert results == alone
+    assert pool_is_pristine(engine)
+
+
+def test_bad_requests_are_refused_before_the_queue(model):
+    engine = engine_mod.Engine(model, block_size=4, max_waiting=2)
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], engine_mod.SamplingParams())
+    with pytest.raises(ValueError, match="context"):
+        engine.submit([1] * 64, engine_mod.SamplingParams())
+    engine.submit([1], engine_mod.SamplingParams())
+    engine.submit([1], engine_mod.SamplingParams())
+    with pytest.raises(engine_mod.QueueFull):
+        engine.submit([1], engine_mod.SamplingParams())
+
+
+def test_nf4_model_serves_the_same_tokens_as_generate(model):
+    """A 4-bit model: the engine dequantizes fused weights once per step (nano/inference.py), generate
+    through the Linear4bit layers; both are the same numbers, so the same greedy tokens."""
+    import copy
+
+    from nano.nf4 import quantize_model
+
+    quantized = quantize_model(copy.deepcopy(model), double_quant=True).eval()
+    prompts = random_prompts(6, seed=7)
+    alone = [generate_mod.generate(quantized, p, max_new_tokens=20) for p in prompts]
+    engine = engine_mod.Engine(quantized, block_size=4)
+    assert [o["token_ids"] for o in engine.generate(prompts, engine_mod.SamplingParams(max_tokens=20))] == alone
+
+
+def test_fast_decode_step_is_bit_for_bit_the_plain_forward(model):
+    """GemmaNano.forward's one-token path (nano/inference.py) against the layer-by-layer forward."""
+    prompt = torch.tensor([random_prompts(1, seed=8, longest=10)[0] + [1, 2, 3]])
+    fast_cache, plain_cache = model.new_kv_cache(1, 64), model.new_kv_cache(1, 64)
+    with torch.no_grad():
+        logits, _ = model(prompt, kv_cache=fast_cache)
+        model(prompt, kv_cache=plain_cache)
+        for _ in range(30):  # past the sliding window of 8: the window mask is exercised
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            logits, _ = model(token, kv_cache=fast_cache)  # the fast path
+            hidden = model.forward_hidden(token, plain_cache)  # the plain one
+            plain = (hidden[:, -1] @ model.embed_tokens.weight.T).float()
+            plain = model.cfg.final_softcap * torch.tanh(plain / model.cfg.final_softcap)
+            assert torch.equal(logits[:, -1], plain)
