@@ -27,4 +27,12 @@ nano: the whole life of a small Gemma-2-style language model, one concept per mo
     loading.py          a ready model for inference: checkpoint + adapter + NF4
     generate.py         sampling with a KV cache
     evaluate.py         GSM8K / TinyMath grading
+    safetensors.py      the safetensors file format: a JSON header and raw tensor bytes
+    export.py           a trained model as a Hugging Face folder (Gemma2ForCausalLM + tokenizer.json), and back
+    kv_cache.py         the paged KV cache: a block pool, block tables, prefix caching, fork
+    paged_attention.py  attention that reads K/V through a block table (gather path, Triton decode kernel)
+    inference.py        a one-token decode step in few operations (same numbers as the model's forward)
+    model_runner.py     one batched model call over many sequences' paged caches
+    engine.py           continuous batching: admit, decode, preempt, cancel, stream
+    server.py           an OpenAI-compatible HTTP API and the chat page (Flask)
 """
