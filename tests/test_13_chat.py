@@ -23,13 +23,13 @@ import torch
 
 from adapters import impl
 from conftest import load_lesson
-from toy_models import BASE, CORPUS, LORA, SFT, save_lora, save_model, toy_model
+from toy_models import BASE, CORPUS, LORA, SFT, save_lora, save_toy_runs, toy_model
 
 loading = impl("loading")
 generate_mod = impl("generate")
 chat_format = impl("chat_format")
 
-from nano.paths import runs_dir, tokenizer_dir  # noqa: E402
+from nano.paths import runs_dir  # noqa: E402
 from nano.tokenizer import Tokenizer  # noqa: E402
 
 chat = load_lesson("13_chat")
@@ -42,12 +42,7 @@ def tokenizer():
 @pytest.fixture
 def runs(nano_dirs, tokenizer):
     """data/tokenizer/tokenizer.json, a base checkpoint, a full-SFT checkpoint and a LoRA adapter."""
-    tokenizer.save(tokenizer_dir() / "tokenizer.json")
-    base, sft = toy_model(tokenizer, 0), toy_model(tokenizer, 1)
-    save_model(base, tokenizer, BASE)
-    save_model(sft, tokenizer, SFT)
-    adapted = save_lora(base, LORA)
-    return {"base": base, "sft": sft, "lora": adapted}
+    return save_toy_runs(tokenizer)
 
 
 def last_logits(model, ids):

@@ -22,16 +22,15 @@ import regex
 import torch
 
 from adapters import impl
-from toy_models import BASE, CORPUS, LORA, SFT, save_lora, save_model, toy_model
+from toy_models import BASE, CORPUS, LORA, QLORA, SFT, save_toy_runs, toy_model
 
 export_mod = impl("export")
 chat_format = impl("chat_format")
 loading = impl("loading")
 
-from nano.paths import runs_dir, tokenizer_dir  # noqa: E402
+from nano.paths import runs_dir  # noqa: E402
 from nano.tokenizer import Tokenizer  # noqa: E402
 
-QLORA = "sft/peft/qlora/default/adapter.pth"
 
 # what Gemma2ForCausalLM's config needs (each one is read by transformers' Gemma2Config)
 CONFIG_KEYS = {
@@ -67,13 +66,7 @@ def tokenizer():
 @pytest.fixture
 def runs(nano_dirs, tokenizer):
     """data/tokenizer/tokenizer.json, base and SFT checkpoints, a LoRA and a QLoRA adapter for the base."""
-    tokenizer.save(tokenizer_dir() / "tokenizer.json")
-    base, sft = toy_model(tokenizer, 0), toy_model(tokenizer, 1)
-    save_model(base, tokenizer, BASE)
-    save_model(sft, tokenizer, SFT)
-    save_lora(base, LORA)
-    save_lora(base, QLORA, quantize=True)
-    return {"base": base, "sft": sft, "tmp": nano_dirs}
+    return {**save_toy_runs(tokenizer, qlora=True), "tmp": nano_dirs}
 
 
 def logits(model, ids):

@@ -22,21 +22,16 @@ import pytest
 import torch
 
 from adapters import impl
+from toy_models import small_gemma
 
 generate_mod = impl("generate")
-model_mod = impl("model")
 
 VOCAB = 64
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = model_mod.model_config(
-        "tiny", vocab_size=VOCAB, context_len=48, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
-        head_dim=16, d_ff=64, sliding_window=8, query_pre_attn_scalar=16.0, attn_impl="eager",
-    )
-    return model_mod.GemmaNano(cfg).eval()
+    return small_gemma(VOCAB, context_len=48, sliding_window=8)
 
 
 def random_prompt(length: int, seed: int) -> list[int]:

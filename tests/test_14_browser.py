@@ -13,16 +13,14 @@ import re
 import urllib.parse
 
 import pytest
-import torch
 
 from adapters import impl
 from conftest import load_lesson
-from toy_models import CORPUS
+from toy_models import CORPUS, small_gemma
 
 serve = load_lesson("14_serve")
 server_mod = impl("server")
 engine_mod = impl("engine")
-model_mod = impl("model")
 from nano.chat_format import render_prompt, stop_token_ids  # noqa: E402
 from nano.tokenizer import Tokenizer  # noqa: E402
 
@@ -32,10 +30,8 @@ pytestmark = pytest.mark.skipif(serve.find_chromium() is None,
 
 def test_page_streams_a_reply_in_headless_chromium():
     tokenizer = Tokenizer.train(CORPUS, vocab_size=300, progress=False)
-    torch.manual_seed(0)
-    cfg = model_mod.model_config("tiny", vocab_size=tokenizer.vocab_size, context_len=128, d_model=32, n_layers=2,
-                                 n_heads=2, head_dim=16, d_ff=64, sliding_window=8, query_pre_attn_scalar=16.0)
-    engine = engine_mod.Engine(model_mod.GemmaNano(cfg).eval(), tokenizer, block_size=16).start()
+    model = small_gemma(tokenizer.vocab_size, context_len=128, sliding_window=8)
+    engine = engine_mod.Engine(model, tokenizer, block_size=16).start()
     message = "Tell me <b>about</b> the cat."  # markup in a message must show as text
     try:
         served = server_mod.ServedModel(engine, tokenizer)

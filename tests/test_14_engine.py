@@ -22,11 +22,10 @@ import pytest
 import torch
 
 from adapters import impl
-from toy_models import CORPUS
+from toy_models import CORPUS, small_gemma
 
 engine_mod = impl("engine")
 generate_mod = impl("generate")
-model_mod = impl("model")
 
 from nano.tokenizer import Tokenizer  # noqa: E402
 
@@ -35,12 +34,7 @@ VOCAB = 64
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = model_mod.model_config(
-        "tiny", vocab_size=VOCAB, context_len=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
-        head_dim=16, d_ff=64, sliding_window=8, query_pre_attn_scalar=16.0, attn_impl="eager",
-    )
-    return model_mod.GemmaNano(cfg).eval()
+    return small_gemma(VOCAB, context_len=64, sliding_window=8)
 
 
 def random_prompts(count: int, seed: int, longest: int = 20) -> list[list[int]]:
@@ -143,10 +137,7 @@ def test_sampling_is_per_request_and_seeded(model):
 
 def test_stop_strings_and_streamed_text():
     tokenizer = Tokenizer.train(CORPUS, vocab_size=300, progress=False)
-    torch.manual_seed(0)
-    cfg = model_mod.model_config("tiny", vocab_size=tokenizer.vocab_size, context_len=64, d_model=32, n_layers=2,
-                                 n_heads=2, head_dim=16, d_ff=64, sliding_window=8, query_pre_attn_scalar=16.0)
-    model = model_mod.GemmaNano(cfg).eval()
+    model = small_gemma(tokenizer.vocab_size, context_len=64, sliding_window=8)
     engine = engine_mod.Engine(model, tokenizer, block_size=4).start()
     try:
         prompt = tokenizer.encode("Once upon a time")

@@ -25,14 +25,12 @@ import threading
 import time
 
 import pytest
-import torch
 
 from adapters import impl
-from toy_models import CORPUS
+from toy_models import CORPUS, small_gemma
 
 server_mod = impl("server")
 engine_mod = impl("engine")
-model_mod = impl("model")
 from nano.chat_format import render_prompt, stop_token_ids  # noqa: E402
 from nano.tokenizer import Tokenizer  # noqa: E402
 
@@ -46,10 +44,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    cfg = model_mod.model_config("tiny", vocab_size=tokenizer.vocab_size, context_len=CONTEXT, d_model=32, n_layers=2,
-                                 n_heads=2, head_dim=16, d_ff=64, sliding_window=8, query_pre_attn_scalar=16.0)
-    return model_mod.GemmaNano(cfg).eval()
+    return small_gemma(tokenizer.vocab_size, context_len=CONTEXT, sliding_window=8)
 
 
 @pytest.fixture

@@ -14,10 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters import impl
-from nano.checkpoint import save_checkpoint
-from nano.checkpoint import state_fingerprint
+from nano.checkpoint import save_checkpoint, state_fingerprint
 from nano.lora import inject_lora, save_adapter
-from nano.paths import runs_dir
+from nano.paths import runs_dir, tokenizer_dir
 
 model_mod = impl("model")
 
@@ -81,14 +80,33 @@ CORPUS = ("Once upon a time there was a little cat. The cat liked to play with a
 BASE = "pretrain/default/checkpoints/ckpt_best.pth"
 SFT = "sft/full/default/checkpoints/ckpt_best.pth"
 LORA = "sft/peft/lora/default/adapter.pth"
+QLORA = "sft/peft/qlora/default/adapter.pth"
+
+
+def small_gemma(vocab_size: int, seed: int = 0, context_len: int = 96, sliding_window: int = 16):
+    """A GemmaNano of 2 layers, 32 wide (2 query heads of 16, one KV head), random weights, eval mode."""
+    torch.manual_seed(seed)
+    cfg = model_mod.model_config("tiny", vocab_size=vocab_size, context_len=context_len, d_model=32,
+                                 n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64,
+                                 sliding_window=sliding_window, query_pre_attn_scalar=16.0, attn_impl="eager")
+    return model_mod.GemmaNano(cfg).eval()
 
 
 def toy_model(tokenizer, seed: int, context_len: int = 96):
-    torch.manual_seed(seed)
-    cfg = model_mod.model_config("tiny", vocab_size=tokenizer.vocab_size, context_len=context_len, d_model=32,
-                                 n_layers=2, n_heads=2, head_dim=16, d_ff=64, sliding_window=16,
-                                 query_pre_attn_scalar=16.0, attn_impl="eager")
-    return model_mod.GemmaNano(cfg).eval()
+    return small_gemma(tokenizer.vocab_size, seed, context_len)
+
+
+def save_toy_runs(tokenizer, qlora: bool = False) -> dict:
+    """What lessons 1-7 leave behind, in miniature: data/tokenizer/tokenizer.json, a base and a full-SFT
+    checkpoint, a LoRA adapter for the base (and a QLoRA one). Returns the models."""
+    tokenizer.save(tokenizer_dir() / "tokenizer.json")
+    base, sft = toy_model(tokenizer, 0), toy_model(tokenizer, 1)
+    save_model(base, tokenizer, BASE)
+    save_model(sft, tokenizer, SFT)
+    runs = {"base": base, "sft": sft, "lora": save_lora(base, LORA)}
+    if qlora:
+        runs["qlora"] = save_lora(base, QLORA, quantize=True)
+    return runs
 
 
 def save_model(model, tokenizer, path: str) -> dict:
