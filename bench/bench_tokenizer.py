@@ -39,6 +39,7 @@ import time
 from itertools import accumulate
 from pathlib import Path
 
+from nano.fileio import atomic_open
 from nano.paths import data_dir
 from nano.pretokenize import PATTERNS
 from nano.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -67,9 +68,8 @@ def zipf_text(path: Path, mb: float, seed: int = 0) -> None:
             seen.add(word)
             lexicon.append(word)
     cum_weights = list(accumulate(1.0 / (k + 1) for k in range(len(lexicon))))
-    tmp = path.with_name(path.name + ".tmp")
     written = 0
-    with open(tmp, "w", encoding="utf-8") as out:
+    with atomic_open(path) as out:
         while written < mb * MB:
             words = rng.choices(lexicon, cum_weights=cum_weights, k=200_000)
             stories, story, sentence = [], [], []
@@ -93,7 +93,6 @@ def zipf_text(path: Path, mb: float, seed: int = 0) -> None:
             block = "".join(s + f"\n{SEPARATOR}\n" for s in stories)
             out.write(block)
             written += len(block.encode("utf-8"))
-    tmp.replace(path)
 
 
 def stories_text(path: Path, mb: float, seed: int = 0) -> None:
