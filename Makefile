@@ -80,13 +80,13 @@ lesson-6: $(call done,4) ## LoRA fine-tuning
 	@$(call run_lesson,6,$(ARGS))
 lesson-7: $(call done,4) ## QLoRA fine-tuning on our own NF4
 	@$(call run_lesson,7,$(ARGS))
-lesson-8: $(call done,5) ## reward model
+lesson-8: $(call done,5) ## reward model: a scalar head on the SFT model, Bradley-Terry loss
 	@$(call run_lesson,8,$(ARGS))
-lesson-9: $(call done,5) ## DPO
+lesson-9: $(call done,5) ## DPO on the preference pairs (and what the model now writes)
 	@$(call run_lesson,9,$(ARGS))
-lesson-10: $(call done,5) ## GRPO
+lesson-10: $(call done,5) ## GRPO: group-normalised advantages, verifiable math reward
 	@$(call run_lesson,10,$(ARGS))
-lesson-11: $(call done,5) ## PPO
+lesson-11: $(call done,5) ## PPO: actor-critic, GAE, per-token KL
 	@$(call run_lesson,11,$(ARGS))
 lesson-12: $(call done,4) ## evaluation of every stage side by side
 	@$(call run_lesson,12,$(ARGS))

@@ -126,9 +126,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("sft-full", 5, "sft/full/default/checkpoints/ckpt_best.pth"),
     Stage("lora", 6, BASE_CHECKPOINT, adapter="sft/peft/lora/default/adapter.pth"),
     Stage("qlora", 7, BASE_CHECKPOINT, adapter="sft/peft/qlora/default/adapter.pth", quantize=True),
-    Stage("dpo", 9, "rlhf/offline/dpo-default/checkpoints/ckpt_best.pth"),
-    Stage("grpo", 10, "rlhf/online/grpo-default/checkpoints/ckpt_best.pth"),
-    Stage("ppo", 11, "rlhf/online/ppo-default/checkpoints/ckpt_best.pth"),
+    # lessons 9-11 keep their training state (adapters, PPO's value head) in ckpt_*.pth for --resume
+    # and the policy alone, as plain weights, in policy_best.pth
+    Stage("dpo", 9, "rlhf/offline/dpo-default/checkpoints/policy_best.pth"),
+    Stage("grpo", 10, "rlhf/online/grpo-default/checkpoints/policy_best.pth"),
+    Stage("ppo", 11, "rlhf/online/ppo-default/checkpoints/policy_best.pth"),
 )
 
 # The chat model to talk to when none is named: the last stage of training first (RL polishes the

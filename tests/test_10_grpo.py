@@ -1,0 +1,184 @@
+"""
+Exercise: GRPO (nano/grpo.py, lesson 10) and the online-RL pieces it shares with PPO (nano/rollout.py).
+
+1. Group advantages: (r - group mean) / (group std + eps), std with Bessel's correction.
+2. One GRPO step on a toy problem where one answer is rewarded makes that answer more likely; a group
+   whose rewards are all equal contributes no gradient at all.
+3. Aggregation: "token" weighs every response token the same; "sequence" weighs a token by 1 / the
+   length of its answer (the length bias).
+4. Step credit finds each written "a op b = c" and whether it is right, at the tokens of c.
+5. The lesson runs end to end, and refuses a math reward on prompts that have no answer.
+"""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from adapters import impl
+from conftest import run_lesson
+
+grpo = impl("grpo")
+rollout = impl("rollout")
+online_rl = impl("online_rl")
+model_lib = impl("model")
+
+
+def small_model(seed: int = 0, vocab: int = 12):
+    torch.manual_seed(seed)
+    cfg = model_lib.model_config("tiny", vocab_size=vocab, context_len=16, d_model=32, n_layers=1, n_heads=2, head_dim=16,
+                                 d_ff=64, sliding_window=8, query_pre_attn_scalar=16.0, attn_impl="eager")
+    return model_lib.GemmaNano(cfg)
+
+
+def test_group_advantages_check_vector():
+    adv = grpo.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), group_size=4)
+    assert torch.allclose(adv, torch.tensor([0.865875, -0.865875, -0.865875, 0.865875]), atol=1e-6)
+    # groups are normalised separately; a group with equal rewards gets zeros
+    adv = grpo.group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2)
+    assert adv[2:].abs().max() == 0 and adv[0] > 0 > adv[1]
+    with pytest.raises(ValueError, match="groups"):
+        grpo.group_advantages(torch.ones(5), group_size=2)
+
+
+def toy_buffer(answers: list[int], rewards: list[float]) -> "rollout.Rollout":
+    """One prompt [1, 2] answered with one token each; rewards given."""
+    ids, mask = rollout.pack_responses([[1, 2]] * len(answers), [[a] for a in answers], pad_id=0)
+    buffer = rollout.Rollout(ids, mask, [0] * len(answers), [str(a) for a in answers], [True] * len(answers))
+    buffer.extra["rewards"] = torch.tensor(rewards)
+    return buffer
+
+
+def prob_of(model, token: int) -> float:
+    with torch.no_grad():
+        return torch.softmax(model(torch.tensor([[1, 2]]))[0][0, -1], -1)[token].item()
+
+
+def one_step(method, model, buffer, group_size, lr=0.05, train_model=None):
+    train_model = train_model or model
+    ctx = {"model": train_model, "reference": rollout.frozen_copy(model), "tokenizer": None,
+           "cfg": SimpleNamespace(group_size=group_size, steps_per_rollout=1)}
+    method.prepare(buffer, ctx)
+    batch = online_rl.minibatch(buffer, torch.arange(len(buffer)))
+    loss, stats = method.loss(train_model, batch)
+    train_model.zero_grad()
+    loss.backward()
+    grads = [p.grad for p in train_model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        for p in train_model.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+    return grads, stats
+
+
+def test_one_grpo_step_raises_the_rewarded_answer():
+    model = small_model()
+    before = prob_of(model, 4)
+    _, stats = one_step(grpo.grpo_method(beta=0.04), model, toy_buffer([3, 4, 5, 4], [0, 1, 0, 1]), group_size=4)
+    assert prob_of(model, 4) > before
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # first step: the policy is still its reference
+
+
+def test_a_group_with_equal_rewards_gives_no_gradient():
+    model = small_model()
+    grads, _ = one_step(grpo.grpo_method(beta=0.04), model, toy_buffer([3, 4, 5, 4], [1, 1, 1, 1]), group_size=4)
+    assert grads and all(g.abs().max() == 0 for g in grads)
+
+
+def test_clipped_surrogate_stops_at_the_clip():
+    logp = torch.tensor([0.5, 0.5], requires_grad=True)  # ratio e^0.5 = 1.65, far beyond 1.2
+    loss, clipped = grpo.clipped_surrogate(logp, torch.zeros(2), torch.tensor([1.0, -1.0]), clip_eps=0.2)
+    loss.sum().backward()
+    assert clipped.tolist() == [True, False]
+    assert logp.grad[0] == 0  # A > 0 and already above 1 + eps: no further push
+    assert logp.grad[1] > 0  # A < 0 above 1 + eps: still pulled down (the min keeps the worse case)
+
+
+def test_aggregation_and_length_bias():
+    per_token = torch.ones(2, 4, requires_grad=True)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]])  # a 1-token answer and a 4-token answer
+    grpo.aggregate(per_token, mask, "token").backward()
+    token_weights = per_token.grad.clone()
+    per_token.grad = None
+    grpo.aggregate(per_token, mask, "sequence").backward()
+    assert token_weights[0, 0] == token_weights[1, 0] == pytest.approx(1 / 5)  # every token the same
+    assert per_token.grad[0, 0] == pytest.approx(1 / 2) and per_token.grad[1, 0] == pytest.approx(1 / 8)  # 1 / (2 * length)
+    assert per_token.grad[0, 1:].abs().sum() == 0  # padding never counts
+
+
+def test_step_results_find_right_and_wrong_arithmetic():
+    pieces = [b"So", b" 19", b" +", b" 6", b" =", b" 2", b"6", b".\n", b"Then", b" 3", b" *", b" 4", b" =", b" 12", b"."]
+    assert grpo.step_results(pieces) == [([5, 6], False), ([13], True)]
+    assert grpo.step_results([b"no", b" math"]) == []
+    assert grpo.arithmetic_value("12 - 2 * 5") == 2
+
+
+def test_math_rewards_use_the_grader():
+    assert rollout.math_rewards(["So 2 + 3 = 5.\n#### 5", "#### 6", "five"], ["5", "5", "5"]).tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="verifiable"):
+        rollout.math_rewards(["a story"], [None])
+
+
+def test_lesson_10_smoke_run(pipeline_dirs):
+    base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
+    run_lesson("10_grpo", "--fast_dev_run", "--checkpoint_path", str(base), "--beta", "0.04")
+    run = pipeline_dirs / "runs" / "rlhf" / "online" / "grpo-default"
+    report = json.loads((run / "report.json").read_text())
+    assert report["method"] == "grpo" and 0.0 <= report["val_reward_best"] <= 1.0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = set().union(*rows)
+    assert {"reward", "reward_group_std", "kl", "clip_frac", "entropy", "response_len", "val_reward"} <= logged
+    assert (run / "rl.svg").is_file()
+    impl("checkpoint").load_model(run / "checkpoints" / "policy_best.pth")  # what lessons 12 and 13 load
+
+
+def test_lesson_10_lora_run_writes_an_adapter_and_a_merged_policy(pipeline_dirs):
+    base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
+    run_lesson("10_grpo", "--fast_dev_run", "--checkpoint_path", str(base), "--lora_r", "4", "--run_name", "lora")
+    run = pipeline_dirs / "runs" / "rlhf" / "online" / "grpo-lora"
+    assert (run / "adapter.pth").is_file()
+    impl("checkpoint").load_model(run / "checkpoints" / "policy_best.pth")
+
+
+def test_math_reward_needs_prompts_with_answers(pipeline_dirs):
+    base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
+    with pytest.raises(ValueError, match="verifiable"):
+        run_lesson("10_grpo", "--fast_dev_run", "--checkpoint_path", str(base), "--prompts", "preferences")
+
+
+def test_missing_sft_checkpoint_names_lesson_5(nano_dirs):
+    with pytest.raises(FileNotFoundError, match="lesson-5"):
+        run_lesson("10_grpo", "--fast_dev_run")
+
+
+def test_resume_continues_exactly_where_the_run_stopped(pipeline_dirs):
+    """2 steps + --resume to 4 steps gives the same weights as 4 steps in one go: buffers are sampled
+    with a seed of (seed, buffer index) only, and checkpoints fall between buffers.
+
+    The method here just raises the log-prob of the policy's own samples, so that every step really
+    changes the weights (the smoke-test model rarely gets a math answer right: GRPO would see zeros)."""
+    online_rl = impl("online_rl")
+    base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
+    small = dict(checkpoint_path=str(base), lora_r=0, prompts_per_rollout=2, group_size=2, max_new_tokens=6,
+                 val_prompts=4, eval_problems=0, eval_every=2, warmup_steps=1, samples=0, lr=1e-2)
+
+    def imitate(model, batch):
+        logp, _ = rollout.response_logprobs(model, batch["ids"], batch["response_mask"])
+        return -logp.sum() / batch["response_mask"].sum(), {}
+
+    method = online_rl.OnlineMethod("grpo", prepare=lambda buffer, ctx: None, loss=imitate)
+    runs = pipeline_dirs / "runs" / "rlhf" / "online"
+
+    def last_state(run_name, steps, resume=False):
+        cfg = online_rl.OnlineRLConfig(run_name=run_name, steps=steps, resume=resume, **small)
+        online_rl.run_online_rl(cfg, "rlhf/online", method)
+        return torch.load(runs / f"grpo-{run_name}" / "checkpoints" / "ckpt_last.pth", weights_only=False)
+
+    assert last_state("split", 2)["step"] == 2
+    split = last_state("split", 4, resume=True)
+    whole = last_state("whole", 4)
+    start = torch.load(base, weights_only=False)["model"]
+    assert split["step"] == whole["step"] == 4
+    assert not all(torch.equal(whole["model"][k], start[k]) for k in start)  # it did train
+    assert all(torch.equal(split["model"][k], whole["model"][k]) for k in whole["model"])

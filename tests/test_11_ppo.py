@@ -1,0 +1,92 @@
+"""
+Exercise: PPO (nano/ppo.py, lesson 11).
+
+1. GAE: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1}, returns A + V,
+   nothing before or after the response.
+2. The clipped policy loss and the clipped value loss, on numbers worked out by hand.
+3. One PPO step (actor-critic, per-token KL in the reward, whitened advantages) on a toy problem where
+   one answer is rewarded makes that answer more likely.
+4. The lesson runs end to end and leaves a policy checkpoint lessons 12 and 13 can load; a reward
+   model made with another tokenizer is refused.
+"""
+
+import json
+
+import pytest
+import torch
+
+from adapters import impl
+from conftest import run_lesson
+from test_10_grpo import one_step, prob_of, small_model, toy_buffer
+
+ppo = impl("ppo")
+
+
+def test_gae_check_vector():
+    adv, returns = ppo.gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3), 1.0, 0.95)
+    assert torch.allclose(adv, torch.tensor([[0.46575, 0.385, 0.3]]), atol=1e-6)
+    assert torch.allclose(returns, adv + torch.tensor([[0.5, 0.6, 0.7]]))
+
+
+def test_gae_stays_inside_the_response():
+    # prompt column, 2 response tokens, padding: the padding's reward and value must not leak back
+    rewards, values = torch.tensor([[5.0, 0.0, 1.0, 7.0]]), torch.tensor([[9.0, 0.2, 0.4, 9.0]])
+    mask = torch.tensor([[0, 1, 1, 0]])
+    adv, _ = ppo.gae(rewards, values * mask, mask, gamma=1.0, lam=1.0)
+    assert adv[0, 0] == 0 and adv[0, 3] == 0
+    assert adv[0, 2].item() == pytest.approx(1.0 - 0.4) and adv[0, 1].item() == pytest.approx(0.0 + 0.4 - 0.2 + 0.6)
+
+
+def test_policy_and_value_loss_check_vectors():
+    loss, clip_frac = ppo.ppo_policy_loss(torch.tensor([-0.5, -1.0, -0.2]), torch.tensor([-0.7, -0.9, -0.2]),
+                                          torch.tensor([1.0, -1.0, 0.5]), torch.ones(3), clip_eps=0.2)
+    assert loss.item() == pytest.approx(-0.265054, abs=1e-6)
+    assert clip_frac.item() == pytest.approx(1 / 3)
+    value_loss = ppo.ppo_value_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.1]), torch.tensor([1.2, -0.5]),
+                                    torch.ones(2), clip_eps=0.2)
+    assert value_loss.item() == pytest.approx(0.125, abs=1e-6)
+
+
+def test_whiten():
+    x, mask = torch.tensor([1.0, 2.0, 3.0, 100.0]), torch.tensor([1, 1, 1, 0])
+    w = ppo.whiten(x, mask)
+    assert w[3] == 0 and w[:3].mean().abs() < 1e-6 and w[:3].pow(2).mean().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_one_ppo_step_raises_the_rewarded_answer():
+    model = small_model()
+    actor_critic = ppo.ActorCritic(model)
+    logits, values = actor_critic(torch.tensor([[1, 2, 3]]))
+    assert torch.allclose(logits, model(torch.tensor([[1, 2, 3]]))[0], atol=1e-5)  # the same LM head
+    assert values.shape == (1, 3) and values.abs().max() == 0  # the value head starts at 0
+    before = prob_of(model, 4)
+    _, stats = one_step(ppo.ppo_method(kl_coef=0.05), model, toy_buffer([3, 4, 5, 4], [0, 1, 0, 1]), group_size=4,
+                        train_model=actor_critic)
+    assert prob_of(model, 4) > before
+    assert stats["value_loss"] > 0 and stats["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lesson_11_smoke_run(pipeline_dirs):
+    base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
+    run_lesson("11_ppo", "--fast_dev_run", "--checkpoint_path", str(base))
+    run = pipeline_dirs / "runs" / "rlhf" / "online" / "ppo-default"
+    report = json.loads((run / "report.json").read_text())
+    assert report["method"] == "ppo"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"value_loss", "kl", "clip_frac", "entropy", "reward"} <= set().union(*rows)
+    model, _ = impl("checkpoint").load_model(run / "checkpoints" / "policy_best.pth")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_reward_model_of_another_tokenizer_is_refused(pipeline_dirs):
+    from dataclasses import asdict
+
+    rm_lib, checkpoint = impl("reward_model"), impl("checkpoint")
+    base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
+    rm, _ = rm_lib.RewardModel.from_checkpoint(base)
+    path = pipeline_dirs / "runs" / "rm" / "other" / "rm.pth"
+    checkpoint.save_checkpoint(path, {"model": rm.state_dict(), **rm_lib.reward_model_extra(rm, "feedfacefeedface", str(base))})
+    assert asdict(rm.cfg)
+    with pytest.raises(ValueError, match="tokenizer"):
+        run_lesson("11_ppo", "--fast_dev_run", "--checkpoint_path", str(base), "--reward", "rm", "--prompts", "preferences",
+                   "--reward_model_path", str(path))
