@@ -26,6 +26,12 @@ nano: the whole life of a small Gemma-2-style language model, one concept per mo
     nf4.py / lora.py    4-bit NormalFloat quantization and low-rank adapters
     loading.py          a ready model for inference: checkpoint + adapter + NF4
     generate.py         sampling with a KV cache
+    reward_model.py     a scalar head on the SFT model, trained with the Bradley-Terry loss
+    dpo.py              direct preference optimization (sigmoid, cDPO, IPO) and its logged metrics
+    flaws.py            programs that find the four flaws of the preference pairs in a model's answers
+    rollout.py          sampling responses, their log-probs, KL estimators, rewards: what RL methods share
+    online_rl.py        online RL on the shared training loop (prompts, rollout buffers, held-out reward)
+    grpo.py / ppo.py    group-relative policy optimization; PPO with a value head and GAE
     evaluate.py         GSM8K / TinyMath grading
     safetensors.py      the safetensors file format: a JSON header and raw tensor bytes
     export.py           a trained model as a Hugging Face folder (Gemma2ForCausalLM + tokenizer.json), and back
