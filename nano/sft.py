@@ -31,6 +31,7 @@ from nano.checkpoint import load_model, load_tokenizer
 from nano.config import print_config, save_config
 from nano.evaluate import evaluate_model, load_task
 from nano.fileio import write_json
+from nano.lora import trainable_parameter_summary
 from nano.model import IGNORE_INDEX
 from nano.paths import BASE_CHECKPOINT, runs_dir
 from nano.trainer import Task, TrainConfig, TrainResult, row_generator, train
@@ -111,8 +112,8 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
 
     # 2. which weights learn: this is what differs between lessons 5, 6 and 7
     model = prepare(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    # (a 4-bit layer's weights count as parameters too: the same total for full SFT, LoRA and QLoRA)
+    trainable, total = trainable_parameter_summary(model)
     print(f"{describe}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     # 3. batches, loss and evaluation for the shared loop
