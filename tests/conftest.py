@@ -23,9 +23,24 @@ def nano_dirs(tmp_path, monkeypatch):
     return tmp_path
 
 
+class LessonScriptWarning(UserWarning):
+    """A test ran a lesson script while NANO_IMPL_* names your module: the script imports nano's."""
+
+
 def load_lesson(name: str):
-    """Import lessons/<name>.py (file names start with a digit, so `import` cannot) as a module."""
+    """Import lessons/<name>.py (file names start with a digit, so `import` cannot) as a module.
+
+    A lesson script imports nano's modules, not yours: a test that runs one checks the lesson, not
+    your NANO_IMPL_* module, and says so (a warning in pytest's summary) when you set one.
+    """
     import importlib.util
+    import os
+    import warnings
+
+    yours = sorted(k for k in os.environ if k.startswith("NANO_IMPL_"))
+    if yours:
+        warnings.warn(f"this test runs lessons/{name}.py, which imports nano's modules: it checks the lesson "
+                      f"script, not your {', '.join(yours)}", LessonScriptWarning, stacklevel=2)
 
     spec = importlib.util.spec_from_file_location(f"lesson_{name}", ROOT / "lessons" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
