@@ -152,12 +152,12 @@ def is_correct(completion: str, reference: str | int | float) -> bool:
 
 
 # A worked step as the solutions write it: "3 * 4 = 12", "12 - 2 + 5 = 15" (whole numbers, + - * /)
-_WRITTEN_STEP = re.compile(r"(\d+(?:\s*[-+*/]\s*\d+)+)\s*=\s*(\d+)")
+WRITTEN_STEP = re.compile(r"(\d+(?:\s*[-+*/]\s*\d+)+)\s*=\s*(\d+)")
 _STEP_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
              ast.Div: lambda a, b: a / b if b else math.nan}
 
 
-def _evaluate_step(expression: str) -> float:
+def arithmetic_value(expression: str) -> float:
     """'12 - 2 + 5' -> 15, with the usual precedence; only numbers and + - * / (no eval())."""
     def value(node: ast.AST) -> float:
         if isinstance(node, ast.Constant):
@@ -183,8 +183,8 @@ def mistake_kind(completion: str, reference: str | int | float) -> str:
         return "right"
     if extract_answer(completion) is None:
         return "no answer"
-    for expression, result in _WRITTEN_STEP.findall(completion):
-        if not math.isclose(_evaluate_step(expression), int(result)):
+    for expression, result in WRITTEN_STEP.findall(completion):
+        if not math.isclose(arithmetic_value(expression), int(result)):
             return "arithmetic slip"
     return "wrong numbers or steps"
 

@@ -29,13 +29,13 @@ which a program can check. The tokens of each written result get + step_credit i
 Lesson 10 runs it: `make lesson-10`. Tests: `.venv/bin/python -m pytest -q tests/test_10_grpo.py`.
 """
 
-import ast
 import math
 import re
 from typing import Any
 
 import torch
 
+from nano.evaluate import WRITTEN_STEP, arithmetic_value
 from nano.online_rl import OnlineMethod, buffer_logprobs
 from nano.rollout import Rollout, kl_estimates, response_logprobs
 
@@ -108,18 +108,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 # ---------------------------------------------------------------------------------------------
 # step credit: check every written "a op b = c" of an answer, at the tokens of c
 
-_WRITTEN_STEP = re.compile(rb"(\d+(?:\s*[-+*/]\s*\d+)+)\s*=\s*(\d+)")
-_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-        ast.Div: lambda a, b: a / b if b else math.nan}
-
-
-def arithmetic_value(expression: str) -> float:
-    """'12 - 2 * 5' -> 2, with the usual precedence; numbers and + - * / only (no eval())."""
-    def value(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant):
-            return node.value
-        return _OPS[type(node.op)](value(node.left), value(node.right))
-    return value(ast.parse(expression, mode="eval").body)
+# the grader's pattern of a written step (nano/evaluate.py), on bytes: positions in the text's UTF-8
+# bytes map to tokens
+_WRITTEN_STEP = re.compile(WRITTEN_STEP.pattern.encode())
 
 
 def step_results(token_bytes: list[bytes]) -> list[tuple[list[int], bool]]:
