@@ -273,19 +273,23 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_b
 
     # ---- completions ------------------------------------------------------------------------------
 
+    def answer(body: dict, name: str, served, prompt_ids: list[int], chat: bool):
+        """What both endpoints do once they have a prompt: check it fits, queue it, reply whole or streamed."""
+        params, stream, include_usage = parse_sampling(body, served)
+        check_prompt_length(prompt_ids, params, served)
+        request_id = submit(served, prompt_ids, params)
+        reply = Reply(served.engine, request_id, name, len(prompt_ids), chat=chat, stream_interval=stream_interval)
+        if stream:
+            return Response(reply.sse(include_usage), mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return reply.whole()
+
     @app.post("/v1/chat/completions")
     def chat_completions():
         body = read_json()
         name, served = pick_model(body)
         prompt_ids = parse_messages(body, served)
-        params, stream, include_usage = parse_sampling(body, served)
-        check_prompt_length(prompt_ids, params, served)
-        request_id = submit(served, prompt_ids, params)
-        reply = Reply(served.engine, request_id, name, len(prompt_ids), chat=True, stream_interval=stream_interval)
-        if stream:
-            return Response(reply.sse(include_usage), mimetype="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return reply.whole()
+        return answer(body, name, served, prompt_ids, chat=True)
 
     @app.post("/v1/completions")
     def completions():
@@ -297,14 +301,7 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_b
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
         prompt_ids = [special_id(served.tokenizer, "<bos>")] + encode_text(served.tokenizer, prompt)
-        params, stream, include_usage = parse_sampling(body, served)
-        check_prompt_length(prompt_ids, params, served)
-        request_id = submit(served, prompt_ids, params)
-        reply = Reply(served.engine, request_id, name, len(prompt_ids), chat=False, stream_interval=stream_interval)
-        if stream:
-            return Response(reply.sse(include_usage), mimetype="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return reply.whole()
+        return answer(body, name, served, prompt_ids, chat=False)
 
     return app
 

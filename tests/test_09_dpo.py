@@ -18,18 +18,15 @@ import torch
 
 from adapters import impl
 from conftest import run_lesson
+from toy_models import small_gemma
 
 dpo = impl("dpo")
 rollout = impl("rollout")
 flaws = impl("flaws")
-model_lib = impl("model")
 
 
 def small_model(seed: int = 0, vocab: int = 40):
-    torch.manual_seed(seed)
-    cfg = model_lib.model_config("tiny", vocab_size=vocab, context_len=32, d_model=32, n_layers=2, n_heads=2, head_dim=16,
-                                 d_ff=64, sliding_window=8, query_pre_attn_scalar=16.0, attn_impl="eager")
-    return model_lib.GemmaNano(cfg).eval()
+    return small_gemma(vocab, seed, context_len=32, sliding_window=8)
 
 
 # ---------------------------------------------------------------------------------------------
