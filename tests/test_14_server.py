@@ -272,12 +272,15 @@ def test_real_server_concurrent_streams_match_the_engine(served, tokenizer):
 
 def test_disconnect_mid_stream_frees_the_blocks(served, monkeypatch):
     engine = served.engine
-    # no stop tokens: the random model's reply surely runs long enough to be cut off
-    monkeypatch.setattr(server_mod, "stop_token_ids", lambda tokenizer: [])
+    # ignore_eos: the random model's reply runs to max_tokens (its stop token, drawn by chance, once
+    # ended it before we hung up); and 2 ms per step, so that 480 tokens take about a second: the toy
+    # model alone could finish them before the server's next write finds the client gone
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.002), step())[1])
     with server_mod.ServerThread(server_mod.create_app({"toy": served})) as server:
         # a raw socket, so that we can hang up whenever we like
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-        body = json.dumps(chat(max_tokens=480, temperature=1.0, seed=0, stream=True)).encode()
+        body = json.dumps(chat(max_tokens=480, temperature=1.0, seed=0, stream=True, ignore_eos=True)).encode()
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         received = b""
