@@ -43,7 +43,7 @@ class RMConfig(TrainConfig):
     warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay (matrices only)"})
     eval_every: int = field(default=40, metadata={"help": "steps between evaluations and checkpoints"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default, every core: batches of whole answers are big enough to share)"})
     samples: int = field(default=0, metadata={"help": "(no text samples: a reward model does not write)"})
 
 

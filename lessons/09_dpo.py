@@ -62,7 +62,7 @@ class DPOConfig(TrainConfig):
     schedule: str = field(default="constant", metadata={"help": "lr schedule after warm-up", "choices": ["cosine", "constant"]})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay (matrices only)"})
     eval_every: int = field(default=20, metadata={"help": "steps between evaluations and checkpoints"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default, every core: batches of whole answers are big enough to share)"})
     samples: int = field(default=0, metadata={"help": "(answers are sampled before and after instead)"})
 
     def __post_init__(self):

@@ -67,7 +67,7 @@ class OnlineRLConfig(TrainConfig):
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass (the buffer is split this many ways)"})
     clip_eps: float = field(default=0.2, metadata={"help": "ratio clip: pi/pi_old stays in [1 - eps, 1 + eps]"})
     eval_problems: int = field(default=200, metadata={"help": "held-out TinyMath test problems graded before and after (0 = skip)"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (0 = torch's default); one is fastest for this small model"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default, every core; 1 if another program keeps a core busy)"})
     # shared-loop defaults for RL: small steps, no decay, a constant rate
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=5, metadata={"help": "linear warm-up steps"})
@@ -219,8 +219,8 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     """
     print_config(cfg)
     torch.manual_seed(cfg.seed)
-    if cfg.threads > 0:  # decoding a 1M-parameter model is many tiny matmuls: a 2nd thread costs more than it gives
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads > 0:  # on a quiet machine two threads halve a step (128 answers sample and train as big
+        torch.set_num_threads(cfg.threads)  # batches); next to a busy program they wait for each other: use 1
     t0 = time.time()
     # 1. the policy, its frozen reference, the prompts and the reward
     start = Path(cfg.checkpoint_path) if cfg.checkpoint_path else runs_dir() / SFT_CHECKPOINT
