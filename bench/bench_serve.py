@@ -102,6 +102,36 @@ def plain_ms_per_token(model, prompt, new_tokens: int) -> float:
             "tokens_per_cpu_s": new_tokens / (time.thread_time() - cpu_start)}
 
 
+def step_breakdown(engine: Engine, prompts, new_tokens: int) -> None:
+    """Where a decode step's time goes: one engine run under torch.profiler, grouped by kind of op.
+
+    Matrix products scale with the batch; everything else costs about the same per op whether it
+    works on 1 row or 16. So the ratio to one request at a time is bounded by how much of a step the
+    matrix products take. (The profiler adds its own overhead to every op: read shares, not times.)"""
+    from torch.profiler import ProfilerActivity, profile  # imported here: only this table needs it
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_engine(engine, prompts, new_tokens)
+    kinds = {"matrix products (mm, bmm)": ("aten::mm", "aten::bmm", "aten::addmm"),
+             "K/V writes and gathers (index_copy_, index_select)": ("aten::index_copy_", "aten::index_select"),
+             "activations (tanh, gelu, softmax, rsqrt)": ("aten::tanh", "aten::gelu", "aten::_softmax", "aten::rsqrt"),
+             "argmax over the vocabulary (max)": ("aten::max",)}
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    calls = sum(e.count for e in events)
+    print(f"\nWhere an engine step goes, {len(prompts)} requests ({calls / new_tokens:.0f} PyTorch ops per step; "
+          f"shares of their self time):\n")
+    print("| kind of op | share | ops per step |")
+    print("|---|---:|---:|")
+    rest, rest_calls = total, calls
+    for name, keys in kinds.items():
+        chosen = [e for e in events if e.key in keys]
+        share, n = sum(e.self_cpu_time_total for e in chosen), sum(e.count for e in chosen)
+        rest, rest_calls = rest - share, rest_calls - n
+        print(f"| {name} | {share / total:.0%} | {n / new_tokens:.0f} |")
+    print(f"| everything else (elementwise arithmetic, views, copies) | {rest / total:.0%} | {rest_calls / new_tokens:.0f} |")
+
+
 def best(runs: list[dict]) -> dict:
     """The best of repeated runs: the highest rates (a busy neighbour only ever slows a run down)."""
     out = dict(runs[0])
@@ -142,6 +172,9 @@ def bench_preset(preset: str, args) -> None:
               f"| {r['ttft_p50'] * 1000:.0f} ms | {r['ttft_p95'] * 1000:.0f} ms | {same}/{min(c, len(seq['outputs']))} |")
         record("bench_serve", f"engine vs generate one at a time, {preset}, {c} requests (per CPU-s; wall)",
                f"{r['tokens_per_cpu_s'] / seq['tokens_per_cpu_s']:.1f}x; {r['tokens_per_s'] / seq['tokens_per_s']:.1f}x")
+
+    if preset == "tiny" and 16 in args.concurrency:
+        step_breakdown(engine, prompts[:16], args.new_tokens)
 
     # 2. memory at the peak of the largest run
     r = runs[max(args.concurrency)]
