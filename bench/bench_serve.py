@@ -282,7 +282,7 @@ def bench_http(model, engine: Engine, args) -> None:
         prompts = [render_prompt(m, tokenizer) for m in messages]
         params = SamplingParams(max_tokens=args.new_tokens)
         direct_rate, direct_cpu, direct, best_http = 0.0, float("inf"), None, {}
-        intervals = (0.0, STREAM_INTERVAL)  # write every token at once, or gather them for the default interval
+        intervals = sorted({0.0, 0.05, STREAM_INTERVAL})  # every token at once, or gather them between writes
         servers = {iv: ServerThread(create_app({"nano": ServedModel(engine, tokenizer)}, stream_interval=iv))
                    for iv in intervals}
         for server in servers.values():
