@@ -103,11 +103,14 @@ def plain_ms_per_token(model, prompt, new_tokens: int) -> float:
 
 
 def step_breakdown(engine: Engine, prompts, new_tokens: int) -> None:
-    """Where a decode step's time goes: one engine run under torch.profiler, grouped by kind of op.
+    """Where a decode step's time goes, two ways.
 
-    Matrix products scale with the batch; everything else costs about the same per op whether it
-    works on 1 row or 16. So the ratio to one request at a time is bounded by how much of a step the
-    matrix products take. (The profiler adds its own overhead to every op: read shares, not times.)"""
+    1. One engine run under torch.profiler, its operators grouped by kind. Matrix products grow with
+       the batch; most other operators cost about the same on 1 row as on 16. (The profiler adds its
+       own overhead to every op: read shares, not times.)
+    2. The step split into the model's forward pass (engine.runner.forward) and the engine's own
+       work (scheduling, block tables, sampling, stop checks, streaming), at 1 request and at
+       len(prompts): how much of the growth from one row to many is the model's, and how much ours."""
     from torch.profiler import ProfilerActivity, profile  # imported here: only this table needs it
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -130,6 +133,32 @@ def step_breakdown(engine: Engine, prompts, new_tokens: int) -> None:
         rest, rest_calls = rest - share, rest_calls - n
         print(f"| {name} | {share / total:.0%} | {n / new_tokens:.0f} |")
     print(f"| everything else (elementwise arithmetic, views, copies) | {rest / total:.0%} | {rest_calls / new_tokens:.0f} |")
+
+    # the step split in two: the model (engine.runner.forward) and the engine's own bookkeeping
+    # (admitting, block tables, sampling, stop checks, streaming each token), at 1 request and at len(prompts)
+    runner_forward, spent = engine.runner.forward, [0.0]
+
+    def timed_forward(spans):
+        start = time.perf_counter()
+        try:
+            return runner_forward(spans)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    engine.runner.forward = timed_forward  # an instance attribute shadows the method for this table only
+    print("\n| requests | ms per step | model (runner.forward) | the engine's own work |")
+    print("|---:|---:|---:|---:|")
+    for count in (1, len(prompts)):
+        parts = []
+        for _ in range(3):  # best of 3
+            spent[0] = 0.0
+            start = time.perf_counter()
+            run_engine(engine, prompts[:count], new_tokens)
+            parts.append((time.perf_counter() - start, spent[0]))
+        total_s, model_s = min(parts)
+        print(f"| {count} | {total_s / new_tokens * 1000:.2f} | {model_s / new_tokens * 1000:.2f} "
+              f"| {(total_s - model_s) / new_tokens * 1000:.2f} |")
+    del engine.runner.forward
 
 
 def best(runs: list[dict]) -> dict:

@@ -100,12 +100,12 @@ def scalar(value: float) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * gain in fp32, gain = 1 + w precomputed: RMSNormFunction's formula, op for op.
+    """x / rms(x) * gain in fp32, gain = 1 + w precomputed: RMSNormFunction's formula, to the bit.
 
     x * x is how PyTorch computes x.pow(2) anyway, and on a CPU `mean` IS a sum followed by an
     in-place division by the count, so sum / count gives the same bits. Written out, it costs a
-    third of `mean`, which wraps the count into a new tensor and converts it on every call (~10 us
-    of a ~1.2 ms token at the tiny size, 17 norms per token).
+    third of `mean`, which wraps the count into a new tensor and converts it on every call: ~10 us
+    saved per norm, 17 norms in a ~1 ms token at the tiny size.
     """
     x32 = x if x.dtype == torch.float32 else x.float()  # (skipping a no-op conversion saves its overhead)
     mean_square = (x32 * x32).sum(dim=-1, keepdim=True) / scalar(float(x32.shape[-1]))

@@ -276,7 +276,12 @@ def test_disconnect_mid_stream_frees_the_blocks(served, monkeypatch):
     # ended it before we hung up); and 2 ms per step, so that 480 tokens take about a second: the toy
     # model alone could finish them before the server's next write finds the client gone
     step = engine.step
-    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.002), step())[1])
+
+    def slow_step():
+        time.sleep(0.002)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
     with server_mod.ServerThread(server_mod.create_app({"toy": served})) as server:
         # a raw socket, so that we can hang up whenever we like
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
