@@ -108,9 +108,10 @@ def step_breakdown(engine: Engine, prompts, new_tokens: int) -> None:
     1. One engine run under torch.profiler, its operators grouped by kind. Matrix products grow with
        the batch; most other operators cost about the same on 1 row as on 16. (The profiler adds its
        own overhead to every op: read shares, not times.)
-    2. The step split into the model's forward pass (engine.runner.forward) and the engine's own
-       work (scheduling, block tables, sampling, stop checks, streaming), at 1 request and at
-       len(prompts): how much of the growth from one row to many is the model's, and how much ours."""
+    2. The step split into engine.runner.forward (the forward pass, with the step's block tables
+       and cache slots) and the rest of the engine's work (admission, sampling, stop checks,
+       streaming each token), at 1 request and at len(prompts): how much of the growth from one
+       row to many is the forward pass's, and how much the scheduler's."""
     from torch.profiler import ProfilerActivity, profile  # imported here: only this table needs it
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -134,8 +135,8 @@ def step_breakdown(engine: Engine, prompts, new_tokens: int) -> None:
         print(f"| {name} | {share / total:.0%} | {n / new_tokens:.0f} |")
     print(f"| everything else (elementwise arithmetic, views, copies) | {rest / total:.0%} | {rest_calls / new_tokens:.0f} |")
 
-    # the step split in two: the model (engine.runner.forward) and the engine's own bookkeeping
-    # (admitting, block tables, sampling, stop checks, streaming each token), at 1 request and at len(prompts)
+    # the step split in two: engine.runner.forward and the rest (admission, sampling, stop checks,
+    # streaming each token), at 1 request and at len(prompts)
     runner_forward, spent = engine.runner.forward, [0.0]
 
     def timed_forward(spans):
@@ -146,7 +147,7 @@ def step_breakdown(engine: Engine, prompts, new_tokens: int) -> None:
             spent[0] += time.perf_counter() - start
 
     engine.runner.forward = timed_forward  # an instance attribute shadows the method for this table only
-    print("\n| requests | ms per step | model (runner.forward) | the engine's own work |")
+    print("\n| requests | ms per step | forward pass (runner.forward) | the rest: admission, sampling, streaming |")
     print("|---:|---:|---:|---:|")
     for count in (1, len(prompts)):
         parts = []
