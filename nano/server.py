@@ -389,8 +389,8 @@ class Reply:
                     # let a few tokens gather before the next write: each wake-up and write of a
                     # request thread costs CPU time (and the GIL) that the engine thread needs;
                     # 10 chunks a second still reads as smooth streaming (a few words per update),
-                    # and 32 streams then keep most of the engine's throughput: bench/bench_serve.py
-                    # measures it against 50 ms and against writing every token at once
+                    # and 32 streams then keep about three quarters of the engine's throughput
+                    # against under half when every token is written at once (bench/bench_serve.py)
                     time.sleep(self.stream_interval)
             finished = True
             if include_usage:
