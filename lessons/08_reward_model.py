@@ -14,19 +14,18 @@ distributions of chosen and rejected answers), metrics.jsonl and loss.svg.
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from nano.bins import PreferenceDataset
 from nano.checkpoint import load_checkpoint, load_tokenizer
-from nano.config import parse_config, print_config, save_config
+from nano.config import parse_config, save_config
 from nano.fileio import write_json
 from nano.paths import runs_dir
 from nano.plot import line_chart, write_svg
 from nano.reward_model import RewardModel, bradley_terry_loss, pair_batch, reward_model_extra
-from nano.rollout import SFT_CHECKPOINT
+from nano.rollout import SFT_CHECKPOINT, begin_run
 from nano.sft import conversation_index
 from nano.trainer import Task, TrainConfig, train
 
@@ -49,14 +48,10 @@ class RMConfig(TrainConfig):
 
 def main() -> None:
     cfg = parse_config(RMConfig)
-    print_config(cfg)
-    torch.manual_seed(cfg.seed)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    start = begin_run(cfg)
     t0 = time.time()
 
     # 1. the backbone (lesson 5's model) with a fresh scalar head, and the pairs it learns from
-    start = Path(cfg.checkpoint_path) if cfg.checkpoint_path else runs_dir() / SFT_CHECKPOINT
     rm, ckpt = RewardModel.from_checkpoint(start)
     tokenizer = load_tokenizer(ckpt.get("tokenizer_fingerprint"))
     pad_id = tokenizer.special_tokens.get("<pad>", 0)

@@ -21,19 +21,18 @@ import copy
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from nano.bins import PreferenceDataset
 from nano.checkpoint import load_checkpoint, save_checkpoint
-from nano.config import parse_config, print_config, save_config
+from nano.config import parse_config, save_config
 from nano.dpo import LOSS_TYPES, chosen_nll, dpo_loss, pair_logprobs, preference_batch
 from nano.fileio import write_json, write_jsonl
 from nano.lora import merge_lora, save_adapter
 from nano.flaws import FLAWS, measure_flaws, prompt_info_of
 from nano.paths import raw_dir, require, runs_dir
-from nano.rollout import SFT_CHECKPOINT, load_policy, policy_state_for_saving
+from nano.rollout import SFT_CHECKPOINT, begin_run, load_policy, policy_state_for_saving
 from nano.sft import conversation_index, math_accuracy
 from nano.trainer import Task, TrainConfig, train
 
@@ -73,14 +72,10 @@ class DPOConfig(TrainConfig):
 
 def main() -> None:
     cfg = parse_config(DPOConfig)
-    print_config(cfg)
-    torch.manual_seed(cfg.seed)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    start = begin_run(cfg)
     t0 = time.time()
 
     # 1. the policy and its frozen reference (the same model, or the same base + adapter), the pairs
-    start = Path(cfg.checkpoint_path) if cfg.checkpoint_path else runs_dir() / SFT_CHECKPOINT
     policy = load_policy(start, cfg.adapter_path or None, cfg.quantize, cfg.lora_r)
     model, reference, tokenizer = policy.model, policy.reference, policy.tokenizer
     pad_id = tokenizer.special_tokens.get("<pad>", 0)

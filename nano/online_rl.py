@@ -30,13 +30,13 @@ import torch
 
 from nano.bins import PreferenceDataset, load_rl_prompts
 from nano.checkpoint import load_checkpoint, save_checkpoint
-from nano.config import print_config, save_config
+from nano.config import save_config
 from nano.fileio import append_jsonl, read_jsonl, write_json
 from nano.lora import merge_lora, save_adapter
 from nano.paths import runs_dir
 from nano.plot import line_chart, write_svg
 from nano.reward_model import load_reward_model
-from nano.rollout import (SFT_CHECKPOINT, Rollout, group_std, load_policy, math_rewards, policy_state_for_saving,
+from nano.rollout import (SFT_CHECKPOINT, Rollout, begin_run, group_std, load_policy, math_rewards, policy_state_for_saving,
                           response_logprobs, sample_responses)
 from nano.sft import math_accuracy
 from nano.trainer import Task, TrainConfig, row_generator, train
@@ -217,13 +217,9 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
 
     Writes runs/<stage>/<run_name>/ (checkpoints, metrics.jsonl, rl.svg, report.json) and returns the report.
     """
-    print_config(cfg)
-    torch.manual_seed(cfg.seed)
-    if cfg.threads > 0:  # on a quiet machine two threads halve a step (128 answers sample and train as big
-        torch.set_num_threads(cfg.threads)  # batches); next to a busy program they wait for each other: use 1
+    start = begin_run(cfg)
     t0 = time.time()
     # 1. the policy, its frozen reference, the prompts and the reward
-    start = Path(cfg.checkpoint_path) if cfg.checkpoint_path else runs_dir() / SFT_CHECKPOINT
     policy = load_policy(start, cfg.adapter_path or None, cfg.quantize, cfg.lora_r)
     tokenizer = policy.tokenizer
     train_prompts, val_prompts = load_prompt_sets(cfg.prompts, tokenizer, cfg.val_prompts)

@@ -33,12 +33,25 @@ import torch.nn.functional as F
 
 from nano.chat_format import stop_token_ids
 from nano.checkpoint import base_identity, load_model, load_tokenizer
+from nano.config import print_config
 from nano.evaluate import is_correct
 from nano.generate import generate_batch
 from nano.lora import inject_lora, load_adapter
 from nano.nf4 import quantize_model
+from nano.paths import runs_dir
 
 SFT_CHECKPOINT = "sft/full/default/checkpoints/ckpt_best.pth"  # lesson 5's model, under runs/: where 8-11 start
+
+def begin_run(cfg: Any) -> Path:
+    """What lessons 8-11 do first: print the config, seed torch, set its CPU threads; returns the
+    checkpoint the run starts from (cfg.checkpoint_path, or lesson 5's model under runs/)."""
+    print_config(cfg)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads > 0:  # 0: torch's default, every core. On a quiet machine two threads halve a step
+        torch.set_num_threads(cfg.threads)  # (whole answers make big batches); next to a busy program
+        # they wait for each other at every operation: pass 1 then
+    return Path(cfg.checkpoint_path) if cfg.checkpoint_path else runs_dir() / SFT_CHECKPOINT
+
 
 # ---------------------------------------------------------------------------------------------
 # 1. log-probabilities of response tokens
