@@ -8,6 +8,7 @@ itself (the reference), than its rejected twin (nano/dpo.py).
     python lessons/09_dpo.py --label_smoothing 0.1      # cDPO: trust each label 90%
     python lessons/09_dpo.py --lora_r 0 --lr 1e-4       # every weight trains (default: a LoRA adapter, r 8)
     python lessons/09_dpo.py --quantize                 # the adapter trains beside a 4-bit base (QLoRA)
+    python lessons/09_dpo.py --pairs own                # on-policy pairs: the model's own answers, labelled by nano/flaws.py
     python lessons/09_dpo.py --fast_dev_run
 
 Before and after, on held-out data: the implicit-reward preference accuracy on the held-out pairs;
@@ -22,6 +23,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from nano.bins import PreferenceDataset
@@ -30,7 +32,7 @@ from nano.config import parse_config, save_config
 from nano.dpo import LOSS_TYPES, chosen_nll, dpo_loss, pair_logprobs, preference_batch
 from nano.fileio import write_json, write_jsonl
 from nano.lora import merge_lora, save_adapter
-from nano.flaws import FLAWS, measure_flaws, prompt_info_of
+from nano.flaws import FLAWS, measure_flaws, own_pairs, prompt_info_of
 from nano.paths import raw_dir, require, runs_dir
 from nano.rollout import SFT_CHECKPOINT, begin_run, load_policy, policy_state_for_saving
 from nano.sft import conversation_index, math_accuracy
@@ -47,6 +49,8 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO: probability that a label is wrong"})
     sft_weight: float = field(default=1.0, metadata={"help": "RPO: + this x the SFT loss of the chosen answer (0 = plain DPO)"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo", "choices": list(LOSS_TYPES)})
+    pairs: str = field(default="lesson0", metadata={"help": "lesson0: lesson 0's pairs as written; own: the model's own sampled answers, labelled by the flaw checkers, replace either side where they can", "choices": ["lesson0", "own"]})
+    own_samples: int = field(default=2, metadata={"help": "with --pairs own: answers sampled (at --flaw_temperature) per training prompt"})
     max_len: int = field(default=0, metadata={"help": "longest prompt + answer (0 = the model's context); longer pairs skipped"})
     flaw_prompts: int = field(default=200, metadata={"help": "held-out preference prompts whose sampled answers are checked for flaws"})
     flaw_samples: int = field(default=1, metadata={"help": "sampled answers per prompt for the flaw count"})
@@ -106,10 +110,36 @@ def main() -> None:
             value = value + cfg.sft_weight * chosen_nll(policy_c, chosen_tokens)
         return value, metrics
 
+    def pair_index(step: int, row: int) -> int:
+        return train_ids[conversation_index(cfg.seed, step, row, cfg.batch_size, len(train_ids))]
+
+    # on-policy pairs (--pairs own): before training, the starting model answers every prompt the run
+    # will read; where it wrote a clean answer, that is the chosen side, where it wrote a flawed one,
+    # the rejected side (lesson 0's answer stays where it wrote none). Seeded: a resumed run gets the same.
+    own: dict[int, tuple] = {}
+    if cfg.pairs == "own":
+        used = sorted({pair_index(step, r) for step in range(cfg.steps) for r in range(cfg.batch_size)})
+        rows = [json.loads(line) for line in require(raw_dir() / "preferences_train.jsonl", "preference pairs", 0).read_text().splitlines() if line.strip()]
+        sides = own_pairs(model, tokenizer, [rows[i]["prompt"] for i in used], [prompt_info_of(rows[i]) for i in used],
+                          cfg.own_samples, cfg.flaw_temperature, seed=cfg.seed + 1)
+        own = dict(zip(used, sides))
+        write_jsonl(run_dir / "own_pairs.jsonl", [{"prompt": rows[i]["prompt"], "chosen": c and tokenizer.decode(c),
+                                                   "rejected": r and tokenizer.decode(r)} for i, (c, r) in own.items()])
+        print(f"own pairs: {len(used)} prompts x {cfg.own_samples} answers: a clean answer of its own for "
+              f"{sum(c is not None for c, _ in sides)}, a flawed one for {sum(r is not None for _, r in sides)} (own_pairs.jsonl)")
+
+    def with_own_answers(i: int) -> dict:
+        item = train_set[i]
+        for part, reply in zip(("chosen", "rejected"), own.get(i, (None, None))):
+            if reply is not None:
+                prompt = item["prompt_ids"]
+                item[f"{part}_ids"] = np.concatenate([prompt, np.array(reply, dtype=np.int64)])
+                item[f"{part}_mask"] = np.concatenate([np.zeros(len(prompt), np.int64), np.ones(len(reply), np.int64)])
+        return item
+
     def make_batch(step, rows, device):
         reference.to(device)
-        picks = [train_set[train_ids[conversation_index(cfg.seed, step, r, cfg.batch_size, len(train_ids))]] for r in rows]
-        return preference_batch(picks, max_len, pad_id, device)
+        return preference_batch([with_own_answers(pair_index(step, r)) for r in rows], max_len, pad_id, device)
 
     def loss(model, batch):
         return pair_stats(model, batch)[0]

@@ -11,6 +11,9 @@ often. A checker per flaw, each a few lines that a reader can verify by eye:
     broken_off     a story that stops in the middle of a sentence
     repetition     a story that says the same sentence more than once
 
+The same checkers can also LABEL the model's own answers, which turns them into on-policy pairs
+(`own_pairs`, lesson 9's `--pairs own`): a clean answer the model wrote against a flawed one it wrote.
+
     >>> find_flaws("Once upon a time, Sam had a red", {"kind": "story"})
     ['broken_off']
 
@@ -108,6 +111,33 @@ def prompt_info_of(pair: dict) -> dict[str, Any]:
     if pair.get("flaw") == "wrong_number":
         return {"kind": "math", "answer": str(pair["correct_answer"])}
     return {"kind": "story", "required_words": list(pair.get("required_words") or [])}
+
+
+def own_pair_sides(answers: list[list[int]], flaws: list[list[str]]) -> tuple[list[int] | None, list[int] | None]:
+    """From several sampled answers to one prompt: (the first clean one, the first flawed one), None where there is none.
+
+    >>> own_pair_sides([[1, 2], [3], [4]], [["broken_off"], [], ["repetition"]])
+    ([3], [1, 2])
+    """
+    clean = next((a for a, f in zip(answers, flaws) if not f), None)
+    flawed = next((a for a, f in zip(answers, flaws) if f), None)
+    return clean, flawed
+
+
+def own_pairs(model, tokenizer, prompts: list[str], infos: list[dict], samples: int, temperature: float,
+              max_new_tokens: int = 200, seed: int = 0) -> list[tuple[list[int] | None, list[int] | None]]:
+    """On-policy preference pairs: the model's own answers to `prompts`, labelled by the checkers.
+
+    For each prompt, `samples` answers are sampled and checked; the result is (chosen, rejected)
+    response ids (the stop token kept when the answer finished): a clean answer and a flawed one of
+    the model's own, None where the samples had none. The caller keeps lesson 0's side for a None.
+    """
+    ids = [render_prompt([{"role": "user", "content": p}], tokenizer) for p in prompts]
+    rollout = sample_responses(model, tokenizer, ids, samples, max_new_tokens, temperature, seed=seed, batch_size=128)
+    responses = [row[mask.bool()].tolist() for row, mask in zip(rollout.ids, rollout.response_mask)]
+    found = [find_flaws(text, infos[g]) for text, g in zip(rollout.texts, rollout.prompt_index)]
+    return [own_pair_sides(responses[g * samples:(g + 1) * samples], found[g * samples:(g + 1) * samples])
+            for g in range(len(prompts))]
 
 
 def measure_flaws(model, tokenizer, prompts: list[str], infos: list[dict], samples_per_prompt: int = 1,

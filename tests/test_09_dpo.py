@@ -161,6 +161,12 @@ def test_flaw_checkers_find_each_flaw():
     assert flaws.find_flaws("I like frogs", math_prompt) == ["wrong_number"]
 
 
+def test_own_pairs_take_a_clean_and_a_flawed_answer_of_the_model():
+    assert flaws.own_pair_sides([[1], [2], [3]], [["broken_off"], [], []]) == ([2], [1])
+    assert flaws.own_pair_sides([[1], [2]], [[], []]) == ([1], None)  # nothing flawed: lesson 0's rejected stays
+    assert flaws.own_pair_sides([[1], [2]], [["repetition"], ["missing_word"]]) == (None, [1])
+
+
 def test_flaw_checkers_edge_cases():
     assert flaws.uses_word("Two balls and a Park.", "ball") and flaws.uses_word("two boxes", "box")
     assert not flaws.uses_word("a ballet", "ball")
@@ -174,8 +180,10 @@ def test_flaw_checkers_edge_cases():
 def test_lesson_9_smoke_run(pipeline_dirs):
     base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
     run_lesson("09_dpo", "--fast_dev_run", "--checkpoint_path", str(base), "--batch_size", "2", "--micro_batch_size", "2", "--sft_weight", "0",
-               "--max_len", "1024")
+               "--max_len", "1024", "--pairs", "own")
     run = pipeline_dirs / "runs" / "rlhf" / "offline" / "dpo-default"
+    own = [json.loads(line) for line in (run / "own_pairs.jsonl").read_text().splitlines()]
+    assert own and all(set(row) == {"prompt", "chosen", "rejected"} for row in own)  # --pairs own: the model's answers, labelled
     report = json.loads((run / "report.json").read_text())
     assert report["pairs_before"]["val_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
     assert 0.0 <= report["flaws_after"]["total"] <= 1.0
