@@ -58,6 +58,7 @@ class OnlineRLConfig(TrainConfig):
     prompts: str = field(default="tinymath", metadata={"help": "tinymath: RL prompts with answers; preferences: lesson 0's preference prompts (no answers)",
                                                        "choices": ["tinymath", "preferences"]})
     val_prompts: int = field(default=200, metadata={"help": "prompts held out of training: choose settings and ckpt_best on these"})
+    train_prompts: int = field(default=0, metadata={"help": "train on the first N training prompts only, many times each (0 = all); their greedy reward is reported too"})
     prompts_per_rollout: int = field(default=16, metadata={"help": "prompts per rollout buffer"})
     group_size: int = field(default=8, metadata={"help": "sampled answers per prompt"})
     max_new_tokens: int = field(default=96, metadata={"help": "longest sampled answer"})
@@ -223,6 +224,8 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     policy = load_policy(start, cfg.adapter_path or None, cfg.quantize, cfg.lora_r)
     tokenizer = policy.tokenizer
     train_prompts, val_prompts = load_prompt_sets(cfg.prompts, tokenizer, cfg.val_prompts)
+    if cfg.train_prompts:  # practise a few problems many times (lesson 10's doc: practice vs transfer)
+        train_prompts = train_prompts.subset(range(min(cfg.train_prompts, len(train_prompts))))
     scorer = Scorer(cfg.reward, tokenizer, cfg.reward_model_path)
     scorer.check(train_prompts)
     run_dir = runs_dir() / stage / f"{method.name}-{cfg.run_name}"
@@ -234,9 +237,12 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     save_config(cfg, run_dir)
 
     # 2. where the policy starts: held-out reward and TinyMath test accuracy
+    def greedy_reward(model, prompts: PromptSet) -> tuple[Rollout, torch.Tensor]:
+        answers = greedy_answers(method.policy_of(model), tokenizer, prompts, cfg.max_new_tokens)
+        return answers, scorer(answers, prompts.answers)
+
     def val_reward(model) -> dict:
-        answers = greedy_answers(method.policy_of(model), tokenizer, val_prompts, cfg.max_new_tokens)
-        rewards = scorer(answers, val_prompts.answers)
+        answers, rewards = greedy_reward(model, val_prompts)
         last_eval_texts[:] = [f"{p}\n-> {t}" for p, t in zip(val_prompts.texts[: cfg.samples], answers.texts)]
         return {"val_reward": float(rewards.mean()), "val_response_len": float(answers.response_lengths.float().mean())}
 
@@ -245,6 +251,7 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     n_test = cfg.eval_problems
     before_val = val_reward(model)
     before_test = math_accuracy(method.policy_of(model), tokenizer, n_test) if n_test else {}
+    practised_before = float(greedy_reward(model, train_prompts)[1].mean()) if cfg.train_prompts else None
     print(f"before: held-out reward {before_val['val_reward']:.3f}" +
           (f", TinyMath test {before_test['accuracy']:.1%} (± {before_test['stderr']:.1%})" if n_test else ""))
 
@@ -331,17 +338,22 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     save_checkpoint(run_dir / "checkpoints" / "policy_best.pth",
                     {"model": plain.state_dict(), "step": best["step"], "val_reward": best.get("best_value"), **extra})
     after_test = math_accuracy(actor, tokenizer, n_test, run_dir / "tinymath_samples.jsonl") if n_test else {}
+    practised_after = float(greedy_reward(model, train_prompts)[1].mean()) if cfg.train_prompts else None
     plot_rl_history(metrics_path, run_dir / "rl.svg", method.name)
     report = {
         "stage": stage, "method": method.name, "reward": cfg.reward, "best_step": best["step"],
         "val_reward_before": before_val["val_reward"], "val_reward_best": result.best_value,
         "tinymath_before": before_test.get("accuracy"), "tinymath_after": after_test.get("accuracy"),
         "tinymath_stderr_before": before_test.get("stderr"), "tinymath_stderr_after": after_test.get("stderr"),
-        "tinymath_n": after_test.get("n"), "seconds": round(time.time() - t0, 1),
+        "tinymath_n": after_test.get("n"), "practised_reward_before": practised_before,
+        "practised_reward_after": practised_after, "seconds": round(time.time() - t0, 1),
     }
     write_json(run_dir / "report.json", report)
     print(f"\nheld-out reward ({len(val_prompts)} validation prompts, greedy): before {before_val['val_reward']:.3f} -> "
           f"best {result.best_value:.3f} at step {best['step']}")
+    if cfg.train_prompts:
+        print(f"the {len(train_prompts)} practised training prompts (greedy): before {practised_before:.3f} -> "
+              f"after {practised_after:.3f} (step {best['step']})")
     if n_test:
         print(f"TinyMath test accuracy ({after_test['n']} problems, greedy): before {before_test['accuracy']:.1%} -> "
               f"after {after_test['accuracy']:.1%} (± {after_test['stderr']:.1%})")
