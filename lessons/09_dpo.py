@@ -23,10 +23,9 @@ import json
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from nano.bins import PreferenceDataset
+from nano.bins import PreferenceDataset, prompt_and_reply
 from nano.checkpoint import load_checkpoint, save_checkpoint
 from nano.config import parse_config, save_config
 from nano.dpo import LOSS_TYPES, chosen_nll, dpo_loss, pair_logprobs, preference_batch
@@ -132,9 +131,7 @@ def main() -> None:
         item = train_set[i]
         for part, reply in zip(("chosen", "rejected"), own.get(i, (None, None))):
             if reply is not None:
-                prompt = item["prompt_ids"]
-                item[f"{part}_ids"] = np.concatenate([prompt, np.array(reply, dtype=np.int64)])
-                item[f"{part}_mask"] = np.concatenate([np.zeros(len(prompt), np.int64), np.ones(len(reply), np.int64)])
+                item[f"{part}_ids"], item[f"{part}_mask"] = prompt_and_reply(item["prompt_ids"], reply)
         return item
 
     def make_batch(step, rows, device):

@@ -567,10 +567,14 @@ class PreferenceDataset:
         prompt = self.parts["prompt"].ids(i)
         item: dict[str, Any] = {"prompt_ids": prompt, "flaw": self.flaws[i]}
         for part in ("chosen", "rejected"):
-            reply = self.parts[part].ids(i)
-            item[f"{part}_ids"] = np.concatenate([prompt, reply])
-            item[f"{part}_mask"] = np.concatenate([np.zeros(len(prompt), np.int64), np.ones(len(reply), np.int64)])
+            item[f"{part}_ids"], item[f"{part}_mask"] = prompt_and_reply(prompt, self.parts[part].ids(i))
         return item
+
+
+def prompt_and_reply(prompt: np.ndarray, reply: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt + reply ids, mask that is 1 on the reply only): one side of a preference pair."""
+    reply = np.asarray(reply, dtype=np.int64)
+    return np.concatenate([prompt, reply]), np.concatenate([np.zeros(len(prompt), np.int64), np.ones(len(reply), np.int64)])
 
 
 def load_preferences(split: str = "train", tokenizer=None, bins_dir: Path | None = None) -> PreferenceDataset:
