@@ -135,6 +135,9 @@ def load_tokenizer(expected_fingerprint: str | None = None) -> Tokenizer:
     the evaluation would grade nonsense, without any error. So the checkpoint's recorded
     fingerprint (ckpt["tokenizer_fingerprint"]) must match the tokenizer on disk.
     """
+    if expected_fingerprint is not None and not isinstance(expected_fingerprint, str):
+        raise TypeError(f"load_tokenizer takes the fingerprint string ckpt['tokenizer_fingerprint'], "
+                        f"not a {type(expected_fingerprint).__name__}")
     path = require(tokenizer_dir() / "tokenizer.json", "tokenizer", 1)
     tokenizer = Tokenizer.load(path)
     if expected_fingerprint is not None and tokenizer.fingerprint() != expected_fingerprint:

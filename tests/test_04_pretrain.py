@@ -74,6 +74,12 @@ def test_missing_tokenizer_says_run_lesson_1(nano_dirs):
         run_lesson("04_pretrain", "--fast_dev_run")
 
 
+def test_load_tokenizer_wants_the_fingerprint_not_the_checkpoint(pipeline_dirs):
+    load_tokenizer = impl("checkpoint").load_tokenizer
+    with pytest.raises(TypeError, match="tokenizer_fingerprint"):  # a short message, not the whole state dict
+        load_tokenizer({"model": {}, "tokenizer_fingerprint": "abc"})
+
+
 def test_resuming_with_another_model_shape_is_refused(pipeline_dirs):
     with pytest.raises(ValueError, match="another model shape"):
         run_lesson("04_pretrain", "--fast_dev_run", "--model", "nano", "--resume")
