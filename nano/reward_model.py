@@ -110,20 +110,6 @@ def pair_batch(items: Sequence[dict], max_len: int, pad_id: int = 0, device: str
             "flaws": [it["flaw"] for it in items]}
 
 
-@torch.no_grad()
-def score_texts(rm: RewardModel, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 64) -> torch.Tensor:
-    """Scores of many prompt + response id lists, in batches; (N,) on the CPU."""
-    device = next(rm.parameters()).device
-    was_training = rm.training
-    rm.eval()
-    out = []
-    for i in range(0, len(sequences), batch_size):
-        ids, lengths = pad_right(sequences[i : i + batch_size], pad_id, device)
-        out.append(rm(ids, lengths).float().cpu())
-    rm.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 # ---------------------------------------------------------------------------------------------
 # files: a reward model knows its tokenizer, and is refused with another one
 

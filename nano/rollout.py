@@ -111,12 +111,6 @@ def sequence_logprob(token_lp: torch.Tensor, response_mask: torch.Tensor) -> tor
     return (token_lp * response_mask[:, 1:].to(token_lp.dtype)).sum(-1)
 
 
-def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each next-token distribution, (B, T, V) logits -> (B, T - 1), aligned like token_logprobs."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of x where mask is 1 (over everything, or along `dim`); 0 where there is nothing to average."""
     mask = mask.to(x.dtype)
