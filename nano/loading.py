@@ -37,6 +37,14 @@ NF4_BLOCKSIZE = 64
 NF4_DOUBLE_QUANT = True
 
 
+def quantize_base(model: torch.nn.Module, identity: dict[str, Any]) -> None:
+    """Lesson 7's NF4 on `model`'s projections, in place (embedding and norms stay fp32, as in QLoRA),
+    and the same words lesson 7 writes into `identity`, so a QLoRA adapter made with other settings
+    is refused."""
+    quantize_model(model, blocksize=NF4_BLOCKSIZE, double_quant=NF4_DOUBLE_QUANT)
+    identity["quantization"] = f"nf4, block {NF4_BLOCKSIZE}, double_quant {NF4_DOUBLE_QUANT}"
+
+
 def load_for_inference(
     checkpoint_path: str | Path,
     adapter_path: str | Path | None = None,
@@ -58,11 +66,9 @@ def load_for_inference(
     model, ckpt = load_model(checkpoint_path, device="cpu")
     identity = base_identity(ckpt)  # (nano/checkpoint.py) shapes + a fingerprint of the exact weights
 
-    # 2. 4-bit projections (embedding and norms stay fp32, as in QLoRA)
+    # 2. 4-bit projections
     if quantize:
-        quantize_model(model, blocksize=NF4_BLOCKSIZE, double_quant=NF4_DOUBLE_QUANT)
-        # the same words lesson 7 writes, so a QLoRA adapter made with other settings is refused
-        identity["quantization"] = f"nf4, block {NF4_BLOCKSIZE}, double_quant {NF4_DOUBLE_QUANT}"
+        quantize_base(model, identity)
 
     # 3. the adapter, refused (by load_adapter, with the reason) when made for other base weights
     adapter = None

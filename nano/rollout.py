@@ -36,8 +36,8 @@ from nano.checkpoint import base_identity, load_model, load_tokenizer
 from nano.config import print_config
 from nano.evaluate import is_correct
 from nano.generate import generate_batch
+from nano.loading import quantize_base
 from nano.lora import inject_lora, load_adapter
-from nano.nf4 import quantize_model
 from nano.paths import runs_dir
 
 SFT_CHECKPOINT = "sft/full/default/checkpoints/ckpt_best.pth"  # lesson 5's model, under runs/: where 8-11 start
@@ -281,8 +281,7 @@ def load_policy(checkpoint_path: str | Path, adapter_path: str | None = None, qu
     identity = base_identity(ckpt)
     parts = [f"{checkpoint_path} (step {ckpt.get('step', '?')})"]
     if quantize:
-        quantize_model(model, double_quant=True)
-        identity["quantization"] = "nf4, block 64, double_quant True"  # nano/loading.py's NF4 settings
+        quantize_base(model, identity)
         parts.append("NF4-quantized base")
         lora_r = lora_r or 8
     if adapter_path:
