@@ -36,7 +36,7 @@ from nano.lora import merge_lora, save_adapter
 from nano.paths import runs_dir
 from nano.plot import line_chart, write_svg
 from nano.reward_model import load_reward_model
-from nano.rollout import (SFT_CHECKPOINT, Rollout, begin_run, group_std, load_policy, math_rewards, policy_state_for_saving,
+from nano.rollout import (SFT_CHECKPOINT, Rollout, begin_run, check_answers, group_std, load_policy, math_rewards, policy_state_for_saving,
                           response_logprobs, sample_responses)
 from nano.sft import math_accuracy
 from nano.trainer import Task, TrainConfig, row_generator, train
@@ -146,9 +146,9 @@ class Scorer:
             self.rm = load_reward_model(reward_model_path or runs_dir() / REWARD_MODEL, tokenizer.fingerprint())
 
     def check(self, prompts: PromptSet) -> None:
-        if self.kind == "math" and any(a is None or str(a).strip() == "" for a in prompts.answers):
-            raise ValueError("--reward math needs prompts with a verifiable numeric answer, and these have none: "
-                             "use --prompts tinymath, or --reward rm (lesson 8's reward model, `make lesson-8`)")
+        """Fail before any sampling when the reward cannot grade these prompts."""
+        if self.kind == "math":
+            check_answers(prompts.answers)
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout, answers: Sequence[str | None]) -> torch.Tensor:

@@ -238,11 +238,15 @@ def math_rewards(texts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
     >>> math_rewards(["2 + 3 = 5.\\n#### 5", "#### 6"], ["5", "5"])
     tensor([1., 0.])
     """
-    for a in answers:
-        if a is None or str(a).strip() == "":
-            raise ValueError("--reward math needs prompts with a verifiable numeric answer; these prompts have none "
-                             "(use --prompts tinymath, or --reward rm with a reward model from `make lesson-8`)")
+    check_answers(answers)
     return torch.tensor([1.0 if is_correct(t, a) else 0.0 for t, a in zip(texts, answers)])
+
+
+def check_answers(answers: Sequence[str | None]) -> None:
+    """Refuse prompts that have no answer to grade against (the preference prompts, say)."""
+    if any(a is None or str(a).strip() == "" for a in answers):
+        raise ValueError("--reward math needs prompts with a verifiable numeric answer, and these have none: "
+                         "use --prompts tinymath, or --reward rm (lesson 8's reward model, `make lesson-8`)")
 
 
 # ---------------------------------------------------------------------------------------------
