@@ -37,7 +37,7 @@ import torch
 
 from nano.evaluate import WRITTEN_STEP, arithmetic_value
 from nano.online_rl import OnlineMethod, buffer_logprobs
-from nano.rollout import Rollout, kl_estimates, response_logprobs
+from nano.rollout import Rollout, group_std, kl_estimates, masked_mean, response_logprobs
 
 AGGREGATIONS = ("token", "sequence")
 
@@ -54,7 +54,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     groups = rewards.float().view(-1, group_size)  # (P, G)
     mean = groups.mean(dim=1, keepdim=True)
-    std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    std = group_std(groups.view(-1), group_size)[:, None]  # (P, 1); 0 for a group of one
     return ((groups - mean) / (std + eps)).view(-1)
 
 
@@ -79,11 +79,10 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token") -
     >>> aggregate(loss, mask, "token"), aggregate(loss, mask, "sequence")   # 6 / 3 and (1 + 4) / 2
     (tensor(2.), tensor(2.5000))
     """
-    mask = mask.to(per_token.dtype)
     if how == "token":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+        return masked_mean(per_token, mask)
     if how == "sequence":
-        per_answer = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        per_answer = masked_mean(per_token, mask, dim=-1)
         return per_answer[mask.sum(-1) > 0].mean()
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {how!r}")
 
@@ -96,10 +95,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logp)  # the answer's advantage on each of its tokens
     per_token, was_clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
-    stats = {"clip_frac": float((was_clipped.float() * mask).sum() / mask.sum().clamp(min=1))}
+    stats = {"clip_frac": float(masked_mean(was_clipped.float(), mask))}
     if ref_logp is not None:
         k3 = kl_estimates(logp, ref_logp)["k3"]
-        stats["kl"] = float((k3.detach() * mask).sum() / mask.sum().clamp(min=1))
+        stats["kl"] = float(masked_mean(k3.detach(), mask))
         if beta:
             per_token = per_token + beta * k3
     return aggregate(per_token, mask, aggregation), stats
@@ -171,7 +170,7 @@ def grpo_method(beta: float, aggregation: str = "token", clip_eps: float = 0.2, 
         # one update per buffer: the sampling policy IS the current one, so old = logp (ratio 1, no clip)
         old = batch.get("old_logprobs", logp.detach())
         value, stats = grpo_loss(logp, old, batch["advantages"], mask, clip_eps=clip_eps, beta=beta, ref_logp=batch.get("ref_logprobs"), aggregation=aggregation)
-        stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+        stats["entropy"] = float(masked_mean(entropy, mask))
         return value, stats
 
     return OnlineMethod("grpo", prepare, loss)
