@@ -22,7 +22,6 @@ test problems are never touched.
 """
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -34,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from nano.chat_format import render_prompt, render_response  # noqa: E402
 from nano.grpo import step_credit_tensor  # noqa: E402
 from nano.online_rl import greedy_answers, load_prompt_sets  # noqa: E402
-from nano.paths import data_dir, runs_dir  # noqa: E402
+from nano.fileio import read_jsonl  # noqa: E402
+from nano.paths import raw_dir, runs_dir  # noqa: E402
 from nano.rollout import SFT_CHECKPOINT, load_policy, math_rewards, pack_responses, response_logprobs, sample_responses  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def probe(source: str, args) -> list[tuple[int, float, float]]:
     policy = load_policy(runs_dir() / SFT_CHECKPOINT)  # every weight trains, as in lesson 5
     model, tokenizer = policy.model, policy.tokenizer
     train_prompts, val_prompts = load_prompt_sets("tinymath", tokenizer, 200)
-    gold = [json.loads(line) for line in (data_dir() / "raw" / "tinymath_train.jsonl").open()]
+    gold = read_jsonl(raw_dir() / "tinymath_train.jsonl")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def val_reward() -> float:

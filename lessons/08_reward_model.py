@@ -21,6 +21,7 @@ import torch
 from nano.bins import PreferenceDataset
 from nano.checkpoint import load_checkpoint, load_tokenizer
 from nano.config import parse_config, save_config
+from nano.evaluate import accuracy_with_stderr
 from nano.fileio import write_json
 from nano.paths import runs_dir
 from nano.plot import line_chart, write_svg
@@ -58,10 +59,7 @@ def main() -> None:
     max_len = cfg.max_len or rm.cfg.context_len
     train_set, val_set = PreferenceDataset("train", tokenizer), PreferenceDataset("val", tokenizer)
 
-    def fitting(data: PreferenceDataset) -> list[int]:
-        return [i for i in range(len(data)) if max(len(data[i]["chosen_ids"]), len(data[i]["rejected_ids"])) <= max_len]
-
-    train_ids, val_ids = fitting(train_set), fitting(val_set)
+    train_ids, val_ids = train_set.fitting(max_len), val_set.fitting(max_len)
     if not train_ids or not val_ids:
         raise ValueError(f"no preference pair fits in max_len {max_len} tokens: raise --max_len")
     if cfg.fast_dev_run:
@@ -115,8 +113,7 @@ def main() -> None:
     for flaw in sorted(set(s["flaws"])):
         picks = np.array([f == flaw for f in s["flaws"]])
         per_flaw[flaw] = {"accuracy": float(right[picks].mean()), "n": int(picks.sum())}
-    accuracy = float(right.mean())
-    stderr = float(np.sqrt(accuracy * (1 - accuracy) / len(right)))
+    accuracy, stderr = accuracy_with_stderr(right.tolist())
     write_svg(run_dir / "scores.svg", histogram({"chosen": s["chosen"].tolist(), "rejected": s["rejected"].tolist()},
                                                  title="reward model scores on held-out pairs"))
     report = {"val_accuracy": accuracy, "val_accuracy_stderr": stderr, "n": len(right), "per_flaw": per_flaw,

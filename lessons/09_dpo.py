@@ -19,7 +19,6 @@ adapter.pth, flaws_before/after.jsonl, report.json.
 """
 
 import copy
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -29,7 +28,7 @@ from nano.bins import PreferenceDataset, prompt_and_reply
 from nano.checkpoint import load_checkpoint, save_checkpoint
 from nano.config import parse_config, save_config
 from nano.dpo import LOSS_TYPES, chosen_nll, dpo_loss, pair_logprobs, preference_batch
-from nano.fileio import write_json, write_jsonl
+from nano.fileio import read_jsonl, write_json, write_jsonl
 from nano.lora import merge_lora, save_adapter
 from nano.flaws import FLAWS, measure_flaws, own_pairs, prompt_info_of
 from nano.paths import raw_dir, require, runs_dir
@@ -84,13 +83,12 @@ def main() -> None:
     pad_id = tokenizer.special_tokens.get("<pad>", 0)
     max_len = cfg.max_len or model.cfg.context_len
     train_set, val_set = PreferenceDataset("train", tokenizer), PreferenceDataset("val", tokenizer)
-    fits = lambda data: [i for i in range(len(data)) if len(data[i]["chosen_ids"]) <= max_len and len(data[i]["rejected_ids"]) <= max_len]  # noqa: E731
-    train_ids, val_ids = fits(train_set), fits(val_set)
+    train_ids, val_ids = train_set.fitting(max_len), val_set.fitting(max_len)
     if cfg.fast_dev_run:
         val_ids = val_ids[: cfg.eval_batches * cfg.micro_batch_size]
     # the held-out prompts, with what each asked for (lesson 0's jsonl: required words, the right number)
     pairs_path = require(raw_dir() / "preferences_val.jsonl", "held-out preference pairs", 0)
-    held_out = [json.loads(line) for line in pairs_path.read_text().splitlines() if line.strip()][: cfg.flaw_prompts]
+    held_out = read_jsonl(pairs_path)[: cfg.flaw_prompts]
     prompts, infos = [p["prompt"] for p in held_out], [prompt_info_of(p) for p in held_out]
     run_dir = runs_dir() / "rlhf" / "offline" / f"dpo-{cfg.run_name}"
     print(f"policy: {policy.description}; reference: a frozen copy of it")
@@ -118,7 +116,7 @@ def main() -> None:
     own: dict[int, tuple] = {}
     if cfg.pairs == "own":
         used = sorted({pair_index(step, r) for step in range(cfg.steps) for r in range(cfg.batch_size)})
-        rows = [json.loads(line) for line in require(raw_dir() / "preferences_train.jsonl", "preference pairs", 0).read_text().splitlines() if line.strip()]
+        rows = read_jsonl(require(raw_dir() / "preferences_train.jsonl", "preference pairs", 0))
         sides = own_pairs(model, tokenizer, [rows[i]["prompt"] for i in used], [prompt_info_of(rows[i]) for i in used],
                           cfg.own_samples, cfg.flaw_temperature, seed=cfg.seed + 1)
         own = dict(zip(used, sides))

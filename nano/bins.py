@@ -570,6 +570,11 @@ class PreferenceDataset:
             item[f"{part}_ids"], item[f"{part}_mask"] = prompt_and_reply(prompt, self.parts[part].ids(i))
         return item
 
+    def fitting(self, max_len: int) -> list[int]:
+        """Indices of the pairs whose chosen and rejected sides (prompt included) both fit in max_len tokens."""
+        items = (self[i] for i in range(len(self)))
+        return [i for i, it in enumerate(items) if max(len(it["chosen_ids"]), len(it["rejected_ids"])) <= max_len]
+
 
 def prompt_and_reply(prompt: np.ndarray, reply: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(prompt + reply ids, mask that is 1 on the reply only): one side of a preference pair."""

@@ -20,12 +20,11 @@ The same checkers can also LABEL the model's own answers, which turns them into 
 Tests: `.venv/bin/python -m pytest -q tests/test_09_dpo.py -k flaw`.
 """
 
-import math
 import re
 from typing import Any
 
 from nano.chat_format import render_prompt
-from nano.evaluate import is_correct
+from nano.evaluate import accuracy_with_stderr, is_correct
 from nano.rollout import sample_responses
 from nano.synthetic import FLAWS  # the four flaws lesson 0 writes into the rejected answers
 
@@ -124,6 +123,14 @@ def own_pair_sides(answers: list[list[int]], flaws: list[list[str]]) -> tuple[li
     return clean, flawed
 
 
+def sample_and_check(model, tokenizer, prompts: list[str], infos: list[dict], samples: int, temperature: float,
+                     max_new_tokens: int = 200, seed: int = 0) -> tuple[Any, list[list[str]]]:
+    """`samples` sampled answers to each prompt (a Rollout, nano/rollout.py) and the flaws of each answer."""
+    ids = [render_prompt([{"role": "user", "content": p}], tokenizer) for p in prompts]
+    rollout = sample_responses(model, tokenizer, ids, samples, max_new_tokens, temperature, seed=seed, batch_size=128)
+    return rollout, [find_flaws(text, infos[g]) for text, g in zip(rollout.texts, rollout.prompt_index)]
+
+
 def own_pairs(model, tokenizer, prompts: list[str], infos: list[dict], samples: int, temperature: float,
               max_new_tokens: int = 200, seed: int = 0) -> list[tuple[list[int] | None, list[int] | None]]:
     """On-policy preference pairs: the model's own answers to `prompts`, labelled by the checkers.
@@ -132,10 +139,8 @@ def own_pairs(model, tokenizer, prompts: list[str], infos: list[dict], samples: 
     response ids (the stop token kept when the answer finished): a clean answer and a flawed one of
     the model's own, None where the samples had none. The caller keeps lesson 0's side for a None.
     """
-    ids = [render_prompt([{"role": "user", "content": p}], tokenizer) for p in prompts]
-    rollout = sample_responses(model, tokenizer, ids, samples, max_new_tokens, temperature, seed=seed, batch_size=128)
+    rollout, found = sample_and_check(model, tokenizer, prompts, infos, samples, temperature, max_new_tokens, seed)
     responses = [row[mask.bool()].tolist() for row, mask in zip(rollout.ids, rollout.response_mask)]
-    found = [find_flaws(text, infos[g]) for text, g in zip(rollout.texts, rollout.prompt_index)]
     return [own_pair_sides(responses[g * samples:(g + 1) * samples], found[g * samples:(g + 1) * samples])
             for g in range(len(prompts))]
 
@@ -148,16 +153,11 @@ def measure_flaws(model, tokenizer, prompts: list[str], infos: list[dict], sampl
     answers that COULD show f (math answers for wrong_number, stories for the rest) that do,
     "rows": [{prompt, answer, flaws}]}.
     """
-    ids = [render_prompt([{"role": "user", "content": p}], tokenizer) for p in prompts]
-    rollout = sample_responses(model, tokenizer, ids, samples_per_prompt, max_new_tokens, temperature, seed=seed, batch_size=128)
-    rows = []
-    for i, text in enumerate(rollout.texts):
-        info = infos[rollout.prompt_index[i]]
-        rows.append({"prompt": prompts[rollout.prompt_index[i]], "answer": text, "kind": info["kind"],
-                     "flaws": find_flaws(text, info)})
+    rollout, found = sample_and_check(model, tokenizer, prompts, infos, samples_per_prompt, temperature, max_new_tokens, seed)
+    rows = [{"prompt": prompts[g], "answer": text, "kind": infos[g]["kind"], "flaws": flaws}
+            for text, g, flaws in zip(rollout.texts, rollout.prompt_index, found)]
     out: dict[str, Any] = {"n": len(rows), "rows": rows}
-    p = sum(bool(r["flaws"]) for r in rows) / max(len(rows), 1)
-    out["total"], out["total_stderr"] = p, math.sqrt(p * (1 - p) / max(len(rows), 1))
+    out["total"], out["total_stderr"] = accuracy_with_stderr([bool(r["flaws"]) for r in rows])
     for flaw in FLAWS:
         eligible = [r for r in rows if (r["kind"] == "math") == (flaw == "wrong_number")]
         if flaw == "missing_word":
