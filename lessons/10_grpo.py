@@ -30,13 +30,8 @@ class GRPOConfig(OnlineRLConfig):
     step_credit: float = field(default=0.0, metadata={"help": "+/- this on the tokens of each right/wrong written arithmetic result"})
     step_penalty: float = field(default=-1.0, metadata={"help": "- this on wrong results (-1: the same as step_credit)"})
     outcome_weight: float = field(default=1.0, metadata={"help": "scale of the group advantage of the final answer (0: step credit alone)"})
-    # defaults fitted to the tiny preset on 2 CPU cores (chosen on the validation prompts; see the doc)
-    lora_r: int = field(default=8, metadata={"help": "train a LoRA adapter of this rank (0 = full weights)"})
+    # defaults of this lesson alone (those it shares with the other online method are OnlineRLConfig's)
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (of the adapter)"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the rollouts"})
-    max_new_tokens: int = field(default=80, metadata={"help": "longest sampled answer"})
-    steps: int = field(default=40, metadata={"help": "optimizer steps"})
-    eval_every: int = field(default=10, metadata={"help": "steps between held-out evaluations and checkpoints"})
 
 
 def main() -> None:

@@ -28,15 +28,9 @@ class PPOConfig(OnlineRLConfig):
     value_clip: float = field(default=0.2, metadata={"help": "the value may move this far from its old estimate per buffer"})
     gamma: float = field(default=1.0, metadata={"help": "discount per token (1: the answer's end counts in full)"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda: 0 = one-step TD, 1 = Monte-Carlo returns"})
-    # defaults fitted to the tiny preset on 2 CPU cores (chosen on the validation prompts; see the doc)
-    lora_r: int = field(default=8, metadata={"help": "train a LoRA adapter of this rank (0 = full weights)"})
+    # defaults of this lesson alone (those it shares with the other online method are OnlineRLConfig's)
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate (of the adapter and the value head)"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the rollouts"})
-    max_new_tokens: int = field(default=80, metadata={"help": "longest sampled answer"})
     epochs: int = field(default=2, metadata={"help": "passes over each rollout buffer"})
-    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass"})
-    steps: int = field(default=40, metadata={"help": "optimizer steps"})
-    eval_every: int = field(default=10, metadata={"help": "steps between held-out evaluations and checkpoints"})
 
 
 def main() -> None:

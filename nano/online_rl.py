@@ -46,12 +46,14 @@ REWARD_MODEL = "rm/default/checkpoints/ckpt_best.pth"  # lesson 8's reward model
 
 @dataclass
 class OnlineRLConfig(TrainConfig):
-    """Knobs shared by GRPO and PPO (lessons 10 and 11); each lesson adds its own and its defaults."""
+    """Knobs shared by GRPO and PPO (lessons 10 and 11), with the defaults both use (fitted to the tiny
+    preset on 2 CPU cores, chosen on the validation prompts; see the lesson docs); each lesson adds
+    its own knobs and learning rate."""
 
     checkpoint_path: str = field(default="", metadata={"help": f"policy to start from (default runs/{SFT_CHECKPOINT})"})
     adapter_path: str = field(default="", metadata={"help": "train this LoRA adapter on top of the checkpoint"})
     quantize: bool = field(default=False, metadata={"help": "NF4 base + LoRA adapter (QLoRA); the reference is the frozen 4-bit base"})
-    lora_r: int = field(default=0, metadata={"help": "train a fresh LoRA adapter of this rank (0 = full weights)"})
+    lora_r: int = field(default=8, metadata={"help": "train a fresh LoRA adapter of this rank (0 = full weights)"})
     reward: str = field(default="math", metadata={"help": "math: graded answer (1/0); rm: lesson 8's reward model",
                                                   "choices": ["math", "rm"]})
     reward_model_path: str = field(default="", metadata={"help": f"reward model for --reward rm (default runs/{REWARD_MODEL})"})
@@ -61,15 +63,17 @@ class OnlineRLConfig(TrainConfig):
     train_prompts: int = field(default=0, metadata={"help": "train on the first N training prompts only, many times each (0 = all); their greedy reward is reported too"})
     prompts_per_rollout: int = field(default=16, metadata={"help": "prompts per rollout buffer"})
     group_size: int = field(default=8, metadata={"help": "sampled answers per prompt"})
-    max_new_tokens: int = field(default=96, metadata={"help": "longest sampled answer"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
+    max_new_tokens: int = field(default=80, metadata={"help": "longest sampled answer"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the rollouts"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the rollouts (1 = off)"})
     epochs: int = field(default=1, metadata={"help": "passes over each rollout buffer"})
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass (the buffer is split this many ways)"})
     clip_eps: float = field(default=0.2, metadata={"help": "ratio clip: pi/pi_old stays in [1 - eps, 1 + eps]"})
     eval_problems: int = field(default=200, metadata={"help": "held-out TinyMath test problems graded before and after (0 = skip)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default, every core; 1 if another program keeps a core busy)"})
-    # shared-loop defaults for RL: small steps, no decay, a constant rate
+    # shared-loop defaults for RL: a short run, no decay, a constant rate
+    steps: int = field(default=40, metadata={"help": "optimizer steps"})
+    eval_every: int = field(default=10, metadata={"help": "steps between held-out evaluations and checkpoints"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=5, metadata={"help": "linear warm-up steps"})
     schedule: str = field(default="constant", metadata={"help": "lr schedule after warm-up", "choices": ["cosine", "constant"]})
