@@ -32,17 +32,13 @@ from nano.fileio import read_jsonl, write_json, write_jsonl
 from nano.lora import merge_lora, save_adapter
 from nano.flaws import FLAWS, measure_flaws, own_pairs, prompt_info_of
 from nano.paths import raw_dir, require, runs_dir
-from nano.rollout import SFT_CHECKPOINT, begin_run, load_policy, policy_state_for_saving
+from nano.rollout import PolicyConfig, begin_run, load_policy, policy_state_for_saving
 from nano.sft import conversation_index, math_accuracy
-from nano.trainer import Task, TrainConfig, train
+from nano.trainer import Task, train
 
 
 @dataclass
-class DPOConfig(TrainConfig):
-    checkpoint_path: str = field(default="", metadata={"help": f"policy to start from (default runs/{SFT_CHECKPOINT})"})
-    adapter_path: str = field(default="", metadata={"help": "train this LoRA adapter on top of the checkpoint"})
-    quantize: bool = field(default=False, metadata={"help": "NF4 base + LoRA adapter (QLoRA)"})
-    lora_r: int = field(default=8, metadata={"help": "train a fresh LoRA adapter of this rank (0 = full weights)"})
+class DPOConfig(PolicyConfig):
     beta: float = field(default=0.1, metadata={"help": "strength of the pull towards the reference (implicit reward scale)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO: probability that a label is wrong"})
     sft_weight: float = field(default=1.0, metadata={"help": "RPO: + this x the SFT loss of the chosen answer (0 = plain DPO)"})
@@ -53,7 +49,6 @@ class DPOConfig(TrainConfig):
     flaw_prompts: int = field(default=200, metadata={"help": "held-out preference prompts whose sampled answers are checked for flaws"})
     flaw_samples: int = field(default=1, metadata={"help": "sampled answers per prompt for the flaw count"})
     flaw_temperature: float = field(default=0.8, metadata={"help": "sampling temperature of those answers (lesson 13's chat default)"})
-    eval_problems: int = field(default=200, metadata={"help": "held-out TinyMath test problems graded before and after"})
     # defaults fitted to the tiny preset on 2 CPU cores
     steps: int = field(default=40, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "pairs per optimizer step"})
@@ -63,7 +58,6 @@ class DPOConfig(TrainConfig):
     schedule: str = field(default="constant", metadata={"help": "lr schedule after warm-up", "choices": ["cosine", "constant"]})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay (matrices only)"})
     eval_every: int = field(default=20, metadata={"help": "steps between evaluations and checkpoints"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default, every core: batches of whole answers are big enough to share)"})
     samples: int = field(default=0, metadata={"help": "(answers are sampled before and after instead)"})
 
     def __post_init__(self):

@@ -36,24 +36,20 @@ from nano.lora import merge_lora, save_adapter
 from nano.paths import runs_dir
 from nano.plot import line_chart, write_svg
 from nano.reward_model import load_reward_model
-from nano.rollout import (SFT_CHECKPOINT, Rollout, begin_run, check_answers, group_std, load_policy, math_rewards, policy_state_for_saving,
+from nano.rollout import (PolicyConfig, Rollout, begin_run, check_answers, group_std, load_policy, math_rewards, policy_state_for_saving,
                           response_logprobs, sample_responses)
 from nano.sft import math_accuracy
-from nano.trainer import Task, TrainConfig, row_generator, train
+from nano.trainer import Task, row_generator, train
 
 REWARD_MODEL = "rm/default/checkpoints/ckpt_best.pth"  # lesson 8's reward model, under runs/
 
 
 @dataclass
-class OnlineRLConfig(TrainConfig):
+class OnlineRLConfig(PolicyConfig):
     """Knobs shared by GRPO and PPO (lessons 10 and 11), with the defaults both use (fitted to the tiny
     preset on 2 CPU cores, chosen on the validation prompts; see the lesson docs); each lesson adds
     its own knobs and learning rate."""
 
-    checkpoint_path: str = field(default="", metadata={"help": f"policy to start from (default runs/{SFT_CHECKPOINT})"})
-    adapter_path: str = field(default="", metadata={"help": "train this LoRA adapter on top of the checkpoint"})
-    quantize: bool = field(default=False, metadata={"help": "NF4 base + LoRA adapter (QLoRA); the reference is the frozen 4-bit base"})
-    lora_r: int = field(default=8, metadata={"help": "train a fresh LoRA adapter of this rank (0 = full weights)"})
     reward: str = field(default="math", metadata={"help": "math: graded answer (1/0); rm: lesson 8's reward model",
                                                   "choices": ["math", "rm"]})
     reward_model_path: str = field(default="", metadata={"help": f"reward model for --reward rm (default runs/{REWARD_MODEL})"})
@@ -69,8 +65,6 @@ class OnlineRLConfig(TrainConfig):
     epochs: int = field(default=1, metadata={"help": "passes over each rollout buffer"})
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass (the buffer is split this many ways)"})
     clip_eps: float = field(default=0.2, metadata={"help": "ratio clip: pi/pi_old stays in [1 - eps, 1 + eps]"})
-    eval_problems: int = field(default=200, metadata={"help": "held-out TinyMath test problems graded before and after (0 = skip)"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default, every core; 1 if another program keeps a core busy)"})
     # shared-loop defaults for RL: a short run, no decay, a constant rate
     steps: int = field(default=40, metadata={"help": "optimizer steps"})
     eval_every: int = field(default=10, metadata={"help": "steps between held-out evaluations and checkpoints"})

@@ -39,8 +39,21 @@ from nano.generate import generate_batch
 from nano.loading import quantize_base
 from nano.lora import inject_lora, load_adapter
 from nano.paths import runs_dir
+from nano.trainer import TrainConfig
 
 SFT_CHECKPOINT = "sft/full/default/checkpoints/ckpt_best.pth"  # lesson 5's model, under runs/: where 8-11 start
+
+@dataclass
+class PolicyConfig(TrainConfig):
+    """Where a preference or RL run starts and how its policy trains (lessons 9-11: begin_run, load_policy)."""
+
+    checkpoint_path: str = field(default="", metadata={"help": f"policy to start from (default runs/{SFT_CHECKPOINT})"})
+    adapter_path: str = field(default="", metadata={"help": "train this LoRA adapter on top of the checkpoint"})
+    quantize: bool = field(default=False, metadata={"help": "NF4 base + LoRA adapter (QLoRA); the reference is the frozen 4-bit base"})
+    lora_r: int = field(default=8, metadata={"help": "train a fresh LoRA adapter of this rank (0 = full weights)"})
+    eval_problems: int = field(default=200, metadata={"help": "held-out TinyMath test problems graded before and after (0 = skip)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default, every core; 1 if another program keeps a core busy)"})
+
 
 def begin_run(cfg: Any) -> Path:
     """What lessons 8-11 do first: print the config, seed torch, set its CPU threads; returns the
