@@ -1,5 +1,5 @@
 """
-GPU speed of our fused attention kernel (nano/flash_attention.py) against PyTorch's SDPA, flash backend.
+GPU speed of our fused attention kernel (nano/model/flash_attention.py) against PyTorch's SDPA, flash backend.
 
 The setting of the lesson: causal attention, bf16, head_dim 64, 8 query heads sharing 1 KV head
 (multi-query attention), T = 512 ... 4096, with the batch chosen so every row of the table does the
@@ -92,7 +92,7 @@ def forward_backward(attn, inputs):
 
 
 def speed_table() -> None:
-    from nano.flash_attention import flash_attention
+    from nano.model.flash_attention import flash_attention
 
     scale = HEAD_DIM**-0.5
     print(f"GPU: {torch.cuda.get_device_name()}   torch {torch.__version__}   bf16, causal, head_dim {HEAD_DIM}, "
@@ -137,8 +137,8 @@ def speed_table() -> None:
 
 def check_errors() -> bool:
     """Max |ours - reference| for out, dQ, dK, dV on awkward shapes, in fp32, bf16 and fp16. True if all pass."""
-    from nano.attention import attention_reference
-    from nano.flash_attention import flash_attention
+    from nano.model.attention import attention_reference
+    from nano.model.flash_attention import flash_attention
 
     # (B, Hq, Hkv, T, D, softcap, window): tails, windows, G = 1/2/3/8, every supported head_dim
     cases = [
@@ -182,8 +182,8 @@ def check_errors() -> bool:
 
 
 def sweep_forward_tiles(seq_len: int = 2048) -> None:
-    """Forward TFLOP/s of a few tile shapes (the table above uses nano.flash_attention.gpu_configs)."""
-    from nano.flash_attention import FlashAttentionFunction, KernelConfigs, TileConfig, gpu_configs
+    """Forward TFLOP/s of a few tile shapes (the table above uses nano.model.flash_attention.gpu_configs)."""
+    from nano.model.flash_attention import FlashAttentionFunction, KernelConfigs, TileConfig, gpu_configs
 
     batch = TOKENS_PER_BATCH // seq_len
     q, k, v = make_inputs(batch, seq_len, torch.bfloat16)

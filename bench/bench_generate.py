@@ -2,8 +2,8 @@
 Decode speed: tokens per second with the KV cache and without it, fp32 and NF4, for both presets.
 
 Without a cache, step t runs the model over all t tokens so far (O(T^2) work for T tokens); with it,
-one prefill pass over the prompt and then ONE token per step (nano/generate.py: generate). Both give
-the same greedy tokens, which the table checks. NF4 (nano/nf4.py) stores the projections in 4 bits
+one prefill pass over the prompt and then ONE token per step (nano/model/generate.py: generate). Both give
+the same greedy tokens, which the table checks. NF4 (nano/model/nf4.py) stores the projections in 4 bits
 and dequantizes them inside every forward pass: less memory, extra work per step.
 
 Models are randomly initialised (speed does not depend on what the weights learned); every run
@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 from results import record  # noqa: E402  (bench/results.py: the summary table of make bench)
-from nano.generate import generate  # noqa: E402
-from nano.model import GemmaNano, model_config  # noqa: E402
-from nano.nf4 import quantize_model  # noqa: E402
+from nano.model.gemma import GemmaNano, model_config  # noqa: E402
+from nano.model.generate import generate  # noqa: E402
+from nano.model.nf4 import quantize_model  # noqa: E402
 
 CONTEXT_LEN = 512  # both presets (the tiny preset's own 256 cannot hold prompt + 256 new tokens)
 

@@ -7,7 +7,7 @@ both alike; the table reports the median step and the median ratio of neighbouri
 baseline is a classic GPT-2-style model (learned positions, LayerNorm, GELU MLP of 4 d, multi-head
 attention through PyTorch's fused `scaled_dot_product_attention`, tied embeddings, no biases),
 written compactly below. Gemma's attention cannot use that fused call -- its soft-cap sits between
-the scores and the softmax -- so it runs nano.attention's blockwise path instead.
+the scores and the softmax -- so it runs nano.model.attention's blockwise path instead.
 
     .venv/bin/python bench/bench_model.py                 # tiny and nano, eager (~1-2 minutes)
     .venv/bin/python bench/bench_model.py --compile       # adds torch.compile for both (slow to compile)
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 from results import record  # noqa: E402  (bench/results.py: the summary table of make bench)
-from nano.attention import attention  # noqa: E402
-from nano.model import (DecoderLayer, GemmaNano, apply_rope, model_config, rope_cos_sin,  # noqa: E402
+from nano.model.attention import attention  # noqa: E402
+from nano.model.gemma import (DecoderLayer, GemmaNano, apply_rope, model_config, rope_cos_sin,  # noqa: E402
                         softcapped_cross_entropy)
 
 # batch per step for each preset: about 2k tokens, enough to keep the matmuls efficient

@@ -4,17 +4,17 @@ Serving throughput: continuous batching over the paged KV cache against one requ
 Every request arrives at once: a ~32-token random prompt, greedy, exactly --new_tokens new tokens
 (no stop token). Tables, all measured in this run, on this machine, with --threads torch threads:
 
-  1. the engine (nano/engine.py) at 1, 16 and 64 concurrent requests, against the same requests one
-     after another through nano/generate.py (its rate measured on the first --sequential of them,
+  1. the engine (nano/serve/engine.py) at 1, 16 and 64 concurrent requests, against the same requests one
+     after another through nano/model/generate.py (its rate measured on the first --sequential of them,
      whose tokens must also be equal to the engine's), with time to first token p50 / p95
      (from submission, so it includes queueing and the other prompts' prefills);
   2. the KV cache at the peak of the 64-request run: blocks held against tokens cached (the waste
      is the unused tail of each sequence's last block), and bytes per token, MQA against MHA;
-  3. batch 1: ms per token of the plain forward pass (nano/model.py's layer by layer, as generate
-     ran before nano/inference.py), of generate and of the engine;
+  3. batch 1: ms per token of the plain forward pass (nano/model/gemma.py's layer by layer, as generate
+     ran before nano/model/decode_step.py), of generate and of the engine;
   4. NF4 (--quantize) against full precision, in the engine;
   5. HTTP: --clients streaming clients (a separate process, the standard library's http.client)
-     against the server (nano/server.py) on a loopback port; their text must equal the engine's.
+     against the server (nano/serve/server.py) on a loopback port; their text must equal the engine's.
 
 Models are randomly initialised (speed does not depend on what the weights learned). Times are the
 best of --repeats runs, the cases interleaved so a busy neighbour slows them alike.
@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
-from nano.engine import Engine, SamplingParams  # noqa: E402
-from nano.generate import generate  # noqa: E402
-from nano.kv_cache import memory_table  # noqa: E402
-from nano.model import GemmaNano, model_config  # noqa: E402
-from nano.nf4 import quantize_model  # noqa: E402
+from nano.model.gemma import GemmaNano, model_config  # noqa: E402
+from nano.model.generate import generate  # noqa: E402
+from nano.model.nf4 import quantize_model  # noqa: E402
+from nano.serve.engine import Engine, SamplingParams  # noqa: E402
+from nano.serve.kv_cache import memory_table  # noqa: E402
 from results import record  # noqa: E402  (bench/results.py: the summary table of make bench)
 
 PROMPT_LEN = 32
@@ -75,7 +75,7 @@ def percentile(sorted_values: list[float], p: float) -> float:
 
 
 def run_sequential(model, prompts, new_tokens: int) -> dict:
-    """One request after another through nano/generate.py: tokens per second (wall and CPU), the outputs."""
+    """One request after another through nano/model/generate.py: tokens per second (wall and CPU), the outputs."""
     start, cpu_start = time.perf_counter(), time.thread_time()
     outputs = [generate(model, p, new_tokens) for p in prompts]
     tokens = sum(map(len, outputs))
@@ -85,10 +85,10 @@ def run_sequential(model, prompts, new_tokens: int) -> dict:
 
 @torch.no_grad()
 def plain_ms_per_token(model, prompt, new_tokens: int) -> float:
-    """Greedy decoding through nano/model.py's plain forward pass, as generate ran before nano/inference.py.
+    """Greedy decoding through nano/model/gemma.py's plain forward pass, as generate ran before nano/model/decode_step.py.
 
     Under torch.enable_grad() (with every weight frozen, so nothing is recorded) GemmaNano.forward
-    takes its original path: autograd Functions for the norms and RoPE, the layer modules one by one.
+    keeps its training-time ops: autograd Functions for the norms and RoPE, the layer modules one by one.
     """
     model.requires_grad_(False)
     cache = model.new_kv_cache(1, len(prompt) + new_tokens)
@@ -226,7 +226,7 @@ def bench_preset(preset: str, args) -> None:
         print("\n| batch 1, 1 thread | ms per token (wall) | speed-up | ms per token (CPU) | speed-up |")
         print("|---|---:|---:|---:|---:|")
         rows = [("plain forward (layer modules, autograd Functions)", plain),
-                ("nano/generate.py (nano/inference.py's fast path)", seq)] + ([("engine, one request", one)] if one else [])
+                ("nano/model/generate.py (nano/model/decode_step.py's fast path)", seq)] + ([("engine, one request", one)] if one else [])
         for name, r in rows:
             wall, cpu = 1000 / r["tokens_per_s"], 1000 / r["tokens_per_cpu_s"]
             print(f"| {name} | {wall:.2f} | {1000 / plain['tokens_per_s'] / wall:.2f}x "
@@ -294,9 +294,9 @@ def client_process(port: int, clients: int, new_tokens: int) -> None:
 
 def bench_http(model, engine: Engine, args) -> None:
     # imported here: only this table needs the tokenizer and the web server
-    from nano.chat_format import render_prompt
-    from nano.loading import load_tokenizer
-    from nano.server import STREAM_INTERVAL, ServedModel, ServerThread, create_app
+    from nano.text.chat_format import render_prompt
+    from nano.checkpoints.loading import load_tokenizer
+    from nano.serve.server import STREAM_INTERVAL, ServedModel, ServerThread, create_app
 
     try:
         tokenizer = load_tokenizer()

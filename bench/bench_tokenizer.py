@@ -1,5 +1,5 @@
 """
-Benchmark: our pure-Python byte-level BPE (nano/tokenizer.py) against Hugging Face `tokenizers`
+Benchmark: our pure-Python byte-level BPE (nano/text/tokenizer.py) against Hugging Face `tokenizers`
 (Rust), measured side by side in one run on the same text and the same machine.
 
     python bench/bench_tokenizer.py                  # 100 MB of text, vocab 4096 (a few minutes)
@@ -39,10 +39,10 @@ import time
 from itertools import accumulate
 from pathlib import Path
 
-from nano.fileio import atomic_open
-from nano.paths import data_dir
-from nano.pretokenize import PATTERNS
-from nano.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nano.common.fileio import atomic_open
+from nano.common.paths import data_dir
+from nano.text.pretokenize import PATTERNS
+from nano.text.tokenizer import SPECIAL_TOKENS, Tokenizer
 from results import record  # bench/results.py: the summary table of make bench
 
 MB = 1_000_000
@@ -96,8 +96,8 @@ def zipf_text(path: Path, mb: float, seed: int = 0) -> None:
 
 
 def stories_text(path: Path, mb: float, seed: int = 0) -> None:
-    """Write ~mb MB of lesson 0's built-in stories (nano/stories.py)."""
-    from nano import stories
+    """Write ~mb MB of lesson 0's built-in stories (nano/data/stories.py)."""
+    from nano.data import stories
 
     stories.write_stories(path, seed=seed, n=math.ceil(mb * MB / 560), split="train")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nano.fileio import read_jsonl, write_jsonl  # noqa: E402  (the repository root is on sys.path from here)
-from nano.paths import runs_dir  # noqa: E402
+from nano.common.fileio import read_jsonl, write_jsonl  # noqa: E402  (the repository root is on sys.path from here)
+from nano.common.paths import runs_dir  # noqa: E402
 
 
 def results_path() -> Path:

@@ -10,7 +10,7 @@ it learns from:
     own        the model's own sampled answers that reach the right number (rejection sampling,
                "RFT"/STaR: the positive half of GRPO's signal, no negatives)
     steps+     only the tokens of the model's own RIGHT arithmetic results ("... = 26" checked by
-               nano/grpo.py: step_results): the cleanest positive signal a program can give
+               nano/align/grpo.py: step_results): the cleanest positive signal a program can give
     steps+-    the same, plus pushing DOWN the tokens of its wrong results (step credit as in
                lesson 10's --step_credit, without the outcome term)
 
@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
-from nano.chat_format import render_prompt, render_response  # noqa: E402
-from nano.grpo import step_credit_tensor  # noqa: E402
-from nano.online_rl import greedy_answers, load_prompt_sets  # noqa: E402
-from nano.fileio import read_jsonl  # noqa: E402
-from nano.paths import raw_dir, runs_dir  # noqa: E402
-from nano.rollout import SFT_CHECKPOINT, load_policy, math_rewards, pack_responses, response_logprobs, sample_responses  # noqa: E402
+from nano.common.fileio import read_jsonl  # noqa: E402
+from nano.common.paths import raw_dir, runs_dir  # noqa: E402
+from nano.text.chat_format import render_prompt, render_response  # noqa: E402
+from nano.align.grpo import step_credit_tensor  # noqa: E402
+from nano.align.online_rl import greedy_answers, load_prompt_sets  # noqa: E402
+from nano.align.rollout import SFT_CHECKPOINT, load_policy, math_rewards, pack_responses, response_logprobs, sample_responses  # noqa: E402
 
 
 def token_weights(source: str, policy, train_prompts, gold: list[dict], args, rng: random.Random, step: int):

@@ -8,7 +8,7 @@ reader); this script is the one-off proof that the folder means to them what it 
      on sequences longer than the sliding window, and greedy decoding gives the same tokens;
   2. `tokenizers` gives our ids on varied text (stories, TinyMath, unicode, special tokens,
      whitespace runs, random characters, and every story of the validation set);
-  3. the chat template renders the same string, and the same ids, as nano/chat_format.py;
+  3. the chat template renders the same string, and the same ids, as nano/text/chat_format.py;
   4. safetensors' own `safe_open` reads our file, tensor for tensor.
 
 Run it in a separate environment that has those libraries (nothing here needs them installed):
@@ -84,10 +84,10 @@ def main() -> int:
         return 0
     import torch
 
-    from nano.chat_format import render_conversation, render_prompt
-    from nano.export import export, full_precision_model
-    from nano.fileio import read_jsonl
-    from nano.safetensors import load_file
+    from nano.text.chat_format import render_conversation, render_prompt
+    from nano.checkpoints.export import export, full_precision_model
+    from nano.common.fileio import read_jsonl
+    from nano.checkpoints.safetensors import load_file
 
     torch.manual_seed(0)
     checkpoint = args.checkpoint or find_checkpoint()
@@ -98,8 +98,8 @@ def main() -> int:
           f"in {time.time() - t0:.1f} s; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"tokenizers {tokenizers.__version__}, safetensors {safetensors.__version__}")
     ours, _ = full_precision_model(checkpoint, args.adapter_path, args.quantize)
-    from nano.tokenizer import Tokenizer
-    from nano.paths import tokenizer_dir
+    from nano.text.tokenizer import Tokenizer
+    from nano.common.paths import tokenizer_dir
     tok = Tokenizer.load(tokenizer_dir() / "tokenizer.json")
     failures = 0
 
@@ -125,7 +125,7 @@ def main() -> int:
           f"|logits| up to {our_logits.abs().max().item():.1f}; same argmax at {same_argmax:.2%} of positions")
     failures += diff > 1e-3
     prompt = render_prompt([{"role": "user", "content": "Write a short story about a cat."}], tok)
-    from nano.generate import generate
+    from nano.model.generate import generate
     our_new = generate(ours, prompt, max_new_tokens=48, temperature=0.0)
     hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=48, do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
     our_new = [int(t) for t in our_new][:48]
@@ -136,9 +136,9 @@ def main() -> int:
     # 1b. a trained model attends softly, so an off-by-one in the window or a missing soft-cap could
     # hide in the noise. A random model with 15x sharper queries and keys and random norm gains makes
     # every attention score count: a window one key longer changes its logits by ~1, not 1e-5.
-    from nano.export import hf_config, hf_state_dict
-    from nano.model import GemmaNano
-    from nano.safetensors import save_file
+    from nano.checkpoints.export import hf_config, hf_state_dict
+    from nano.model.gemma import GemmaNano
+    from nano.checkpoints.safetensors import save_file
     sharp = GemmaNano(ours.cfg).eval()
     with torch.no_grad():
         for name, p in sharp.named_parameters():
@@ -181,8 +181,8 @@ def main() -> int:
     failures += not with_bos
     # the other pre-tokenization patterns of lesson 1 (possessive quantifiers, per-digit numbers):
     # small tokenizers trained here, written with tokenizer_json, read by `tokenizers`
-    from nano.export import tokenizer_json
-    from nano.tokenizer import PATTERNS
+    from nano.checkpoints.export import tokenizer_json
+    from nano.text.tokenizer import PATTERNS
     train_text = (ROOT / "data/raw/stories_train.txt").read_text(encoding="utf-8")[:500_000] + "\n\n\n  \t 1234 it's DON'T"
     for pattern in PATTERNS:
         small = Tokenizer.train(train_text, vocab_size=800, pattern=pattern, progress=False, num_workers=1)

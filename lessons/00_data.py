@@ -8,8 +8,8 @@ Lesson 0: data. Write everything the later lessons read into data/raw/, offline 
     python lessons/00_data.py --gsm8k download                     # also fetch GSM8K for lesson 12
     python lessons/00_data.py --fast_dev_run                       # tiny counts, a smoke test
 
-Stories come from `--source` (built in: nano/stories.py); TinyMath (nano/tinymath.py), conversations
-and preference pairs (nano/synthetic.py) and RL prompts always come from the built-in generator,
+Stories come from `--source` (built in: nano/data/stories.py); TinyMath (nano/data/tinymath.py), conversations
+and preference pairs (nano/data/synthetic.py) and RL prompts always come from the built-in generator,
 seeded by `--seed`. Each file is written to a temporary name and renamed when complete, and
 manifest.json is written last: its presence means lesson 0 finished. Run it again with the same
 arguments and it skips the work that is done.
@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from nano import paths, stories, story_files, synthetic, tinymath, world
-from nano.config import config_to_dict, parse_config, print_config
-from nano.download import DownloadError, download, gsm8k_url, tinystories_url
-from nano.fileio import read_jsonl, write_json, write_jsonl
+from nano.common import paths
+
+from nano.common.config import config_to_dict, parse_config, print_config
+from nano.common.fileio import read_jsonl, write_json, write_jsonl
+from nano.data import stories, story_files, synthetic, tinymath, world
+from nano.data.download import DownloadError, download, gsm8k_url, tinystories_url
 
 MB = 1_000_000
 
@@ -82,7 +84,7 @@ def counts_of(cfg: DataConfig) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# writing files: NAME.tmp first, then a rename (nano/fileio.py): an interrupted run leaves no half file
+# writing files: NAME.tmp first, then a rename (nano/common/fileio.py): an interrupted run leaves no half file
 # ---------------------------------------------------------------------------------------------
 
 

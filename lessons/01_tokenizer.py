@@ -22,11 +22,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nano.config import config_to_dict, parse_config, print_config
-from nano.fileio import read_jsonl, write_json, write_text
-from nano.paths import raw_dir, require, tokenizer_dir
-from nano.pretokenize import PATTERNS
-from nano.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nano.common.config import config_to_dict, parse_config, print_config
+from nano.common.fileio import read_jsonl, write_json, write_text
+from nano.common.paths import raw_dir, require, tokenizer_dir
+from nano.text.pretokenize import PATTERNS
+from nano.text.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 MB = 1_000_000
 RERUN_LESSON_0 = "re-run `make lesson-0`"  # what to do about a broken line in lesson 0's files

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nano import bins
-from nano.chat_format import show_masked
-from nano.config import parse_config, print_config, save_config
-from nano.paths import bins_dir, raw_dir, require, tokenizer_dir
+from nano.common.config import parse_config, print_config, save_config
+from nano.common.paths import bins_dir, raw_dir, require, tokenizer_dir
+from nano.text import bins
+from nano.text.chat_format import show_masked
 
 
 @dataclass
@@ -42,7 +42,7 @@ class BinsConfig:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(BinsConfig, argv)
     print_config(cfg)
-    from nano.tokenizer import Tokenizer
+    from nano.text.tokenizer import Tokenizer
 
     tokenizer_path = Path(cfg.tokenizer_path) if cfg.tokenizer_path else tokenizer_dir() / "tokenizer.json"
     tokenizer = Tokenizer.load(require(tokenizer_path, "tokenizer", 1))

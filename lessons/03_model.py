@@ -11,10 +11,10 @@ prints five sections:
   1. the architecture table of the preset,
   2. parameters per component,
   3. KV-cache bytes per token for MQA vs GQA vs MHA, at this size and at Gemma-2-2B's,
-  4. the Triton kernel (nano/flash_attention.py) against the reference (nano/attention.py):
+  4. the Triton kernel (nano/model/flash_attention.py) against the reference (nano/model/attention.py):
      forward values and gradients, max error -- on the CPU under Triton's interpreter,
   5. one forward pass with a loss.
-The doc is lessons/03_model.md; the code is nano/model.py and nano/attention.py.
+The doc is lessons/03_model.md; the code is nano/model/gemma.py and nano/model/attention.py.
 """
 
 import math
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nano.attention import attention_reference, resolve_attn_impl
-from nano.config import parse_config, pick_device, print_config
-from nano.model import GemmaNano, ModelConfig, kv_cache_bytes_per_token, model_config
+from nano.common.config import parse_config, pick_device, print_config
+from nano.model.attention import attention_reference, resolve_attn_impl
+from nano.model.gemma import GemmaNano, ModelConfig, kv_cache_bytes_per_token, model_config
 
 
 @dataclass
@@ -124,9 +124,9 @@ def kernel_check(cfg: ModelConfig, tour: ModelTourConfig, device: str) -> None:
         # the module with the @triton.jit functions is imported (the module also does this itself)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
-        from nano.flash_attention import flash_attention
+        from nano.model.flash_attention import flash_attention
     except Exception as e:  # not written yet, or triton missing: say so and go on with the tour
-        print(f"  note: cannot import nano.flash_attention ({type(e).__name__}: {e}); skipping the kernel check")
+        print(f"  note: cannot import nano.model.flash_attention ({type(e).__name__}: {e}); skipping the kernel check")
         return
     # a small input with this model's head shape: G query heads per KV head, fp32, 80 tokens
     torch.manual_seed(tour.seed)

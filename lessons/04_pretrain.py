@@ -9,7 +9,7 @@ the next token, over and over, on the token bins of lesson 2.
     python lessons/04_pretrain.py --config 04_pretrain_nano_gpu   # the nano preset on a GPU
 
 What is this lesson's own, and what is shared: the loop (schedule, accumulation, clipping,
-checkpoints, resume, DDP, logs) is nano/trainer.py; here we only say what a batch is (random
+checkpoints, resume, DDP, logs) is nano/train/trainer.py; here we only say what a batch is (random
 windows of the token stream), what the loss is (next-token cross-entropy), how to evaluate
 (validation loss and bits per byte) and what to sample (stories from <bos>).
 """
@@ -19,14 +19,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from nano.bins import load_pretrain_tokens
-from nano.checkpoint import load_tokenizer
-from nano.config import parse_config, print_config, save_config
-from nano.generate import generate
-from nano.model import GemmaNano, model_config
-from nano.paths import runs_dir
-from nano.trainer import Task, TrainConfig, row_generator, train
-from nano.val_loss import token_byte_lengths, validation_loss
+from nano.common.config import parse_config, print_config, save_config
+from nano.common.paths import runs_dir
+from nano.text.bins import load_pretrain_tokens
+from nano.model.gemma import GemmaNano, model_config
+from nano.model.generate import generate
+from nano.checkpoints.checkpoint import load_tokenizer
+from nano.eval.val_loss import token_byte_lengths, validation_loss
+from nano.train.trainer import Task, TrainConfig, row_generator, train
 
 
 @dataclass

@@ -7,11 +7,11 @@ and to solve TinyMath word problems step by step, every one of its weights free 
     python lessons/05_sft_full.py --resume         # continue runs/sft/full/default/
 
 The batches, the masked loss and the before/after TinyMath grading are shared with lessons 6 and 7
-(nano/sft.py); the loop is nano/trainer.py. What is this lesson's own: nothing is frozen.
+(nano/train/sft.py); the loop is nano/train/trainer.py. What is this lesson's own: nothing is frozen.
 """
 
-from nano.config import parse_config
-from nano.sft import SFTConfig, run_sft
+from nano.common.config import parse_config
+from nano.train.sft import SFTConfig, run_sft
 
 
 def main() -> None:

@@ -14,10 +14,11 @@ base checkpoint in lessons 12 and 13.
 
 from dataclasses import dataclass, field
 
-from nano.checkpoint import base_identity
-from nano.config import parse_config
-from nano.lora import DEFAULT_TARGETS, inject_lora, save_adapter
-from nano.sft import SFTConfig, run_sft
+from nano.common.config import parse_config
+from nano.model.lora import inject_lora, save_adapter
+from nano.model.targets import DEFAULT_TARGETS
+from nano.checkpoints.checkpoint import base_identity
+from nano.train.sft import SFTConfig, run_sft
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """
 Lesson 7: QLoRA. LoRA adapters trained on top of a base whose projection weights are stored in
-4-bit NormalFloat (NF4), our own implementation in nano/nf4.py. The frozen base takes ~4.1 bits per
+4-bit NormalFloat (NF4), our own implementation in nano/model/nf4.py. The frozen base takes ~4.1 bits per
 weight instead of 32; the adapters, the only trainable part, stay in full precision.
 
     make lesson-7
@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nano.checkpoint import base_identity, load_model
-from nano.config import parse_config
-from nano.lora import DEFAULT_TARGETS, inject_lora, name_matches, parse_targets, save_adapter
-from nano.nf4 import bits_per_parameter, model_weight_bytes, quantization_error, quantize_model, quantize_nf4
-from nano.paths import BASE_CHECKPOINT, runs_dir
-from nano.sft import SFTConfig, run_sft
+from nano.common.config import parse_config
+from nano.common.paths import BASE_CHECKPOINT, runs_dir
+from nano.model.lora import inject_lora, save_adapter
+from nano.model.nf4 import bits_per_parameter, model_weight_bytes, quantization_error, quantize_model, quantize_nf4
+from nano.model.targets import DEFAULT_TARGETS, name_matches, parse_targets
+from nano.checkpoints.checkpoint import base_identity, load_model
+from nano.train.sft import SFTConfig, run_sft
 
 
 @dataclass

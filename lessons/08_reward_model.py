@@ -1,7 +1,7 @@
 """
 Lesson 8: a reward model. The SFT model reads a prompt and an answer and gives one number; trained on
 lesson 0's preference pairs (a good answer vs the same answer with one flaw), it learns to score the
-good one higher (nano/reward_model.py: Bradley-Terry loss on the last token's score).
+good one higher (nano/align/reward_model.py: Bradley-Terry loss on the last token's score).
 
     make lesson-8                                     # starts from lesson 5's model; ~1-2 CPU minutes
     python lessons/08_reward_model.py --fast_dev_run
@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from nano.bins import PreferenceDataset
-from nano.checkpoint import load_checkpoint, load_tokenizer
-from nano.config import parse_config, save_config
-from nano.evaluate import accuracy_with_stderr
-from nano.fileio import write_json
-from nano.paths import runs_dir
-from nano.plot import line_chart, write_svg
-from nano.reward_model import RewardModel, bradley_terry_loss, pair_batch, reward_model_extra
-from nano.rollout import SFT_CHECKPOINT, begin_run
-from nano.sft import conversation_index
-from nano.trainer import Task, TrainConfig, train
+from nano.common.config import parse_config, save_config
+from nano.common.fileio import write_json
+from nano.common.paths import runs_dir
+from nano.common.plot import line_chart, write_svg
+from nano.text.bins import PreferenceDataset
+from nano.checkpoints.checkpoint import load_checkpoint, load_tokenizer
+from nano.eval.evaluate import accuracy_with_stderr
+from nano.train.sft import conversation_index
+from nano.train.trainer import Task, TrainConfig, train
+from nano.align.reward_model import RewardModel, bradley_terry_loss, pair_batch, reward_model_extra
+from nano.align.rollout import SFT_CHECKPOINT, begin_run
 
 
 @dataclass

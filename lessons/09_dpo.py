@@ -1,19 +1,19 @@
 """
 Lesson 9: DPO. The SFT model learns straight from lesson 0's preference pairs — no reward model, no
 sampling during training — by making each chosen answer more likely, relative to a frozen copy of
-itself (the reference), than its rejected twin (nano/dpo.py).
+itself (the reference), than its rejected twin (nano/align/dpo.py).
 
     make lesson-9                                       # starts from lesson 5's model
     python lessons/09_dpo.py --loss_type ipo            # IPO instead of the sigmoid loss
     python lessons/09_dpo.py --label_smoothing 0.1      # cDPO: trust each label 90%
     python lessons/09_dpo.py --lora_r 0 --lr 1e-4       # every weight trains (default: a LoRA adapter, r 8)
     python lessons/09_dpo.py --quantize                 # the adapter trains beside a 4-bit base (QLoRA)
-    python lessons/09_dpo.py --pairs own                # on-policy pairs: the model's own answers, labelled by nano/flaws.py
+    python lessons/09_dpo.py --pairs own                # on-policy pairs: the model's own answers, labelled by nano/align/flaws.py
     python lessons/09_dpo.py --fast_dev_run
 
 Before and after, on held-out data: the implicit-reward preference accuracy on the held-out pairs;
 the share of the model's OWN sampled answers to the held-out prompts that show each flaw (checked
-by the programs in nano/flaws.py); and TinyMath test accuracy. Writes runs/rlhf/offline/dpo-default/:
+by the programs in nano/align/flaws.py); and TinyMath test accuracy. Writes runs/rlhf/offline/dpo-default/:
 checkpoints/ (ckpt_*.pth for --resume; policy_best.pth, the merged model lessons 12 and 13 load),
 adapter.pth, flaws_before/after.jsonl, report.json.
 """
@@ -24,17 +24,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nano.bins import PreferenceDataset, prompt_and_reply
-from nano.checkpoint import load_checkpoint, save_checkpoint
-from nano.config import parse_config, save_config
-from nano.dpo import LOSS_TYPES, chosen_nll, dpo_loss, pair_logprobs, preference_batch
-from nano.fileio import read_jsonl, write_json, write_jsonl
-from nano.lora import merge_lora, save_adapter
-from nano.flaws import FLAWS, measure_flaws, own_pairs, prompt_info_of
-from nano.paths import raw_dir, require, runs_dir
-from nano.rollout import PolicyConfig, begin_run, load_policy, policy_state_for_saving
-from nano.sft import conversation_index, math_accuracy
-from nano.trainer import Task, train
+from nano.common.config import parse_config, save_config
+from nano.common.fileio import save_checkpoint
+from nano.common.fileio import read_jsonl, write_json, write_jsonl
+from nano.common.paths import raw_dir, require, runs_dir
+from nano.text.bins import PreferenceDataset, prompt_and_reply
+from nano.model.lora import merge_lora, save_adapter
+from nano.checkpoints.checkpoint import load_checkpoint
+from nano.train.sft import conversation_index, math_accuracy
+from nano.train.trainer import Task, train
+from nano.align.dpo import LOSS_TYPES, chosen_nll, dpo_loss, pair_logprobs, preference_batch
+from nano.align.flaws import FLAWS, measure_flaws, own_pairs, prompt_info_of
+from nano.align.rollout import PolicyConfig, begin_run, load_policy, policy_state_for_saving
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """
 Lesson 10: GRPO. The SFT model answers each TinyMath training question G times; the answers that
 reach the right number are made more likely and the others less, each judged against its own group
-(nano/grpo.py). No critic, no reward model: the reward is the grader of lesson 12.
+(nano/align/grpo.py). No critic, no reward model: the reward is the grader of lesson 12.
 
     make lesson-10                                      # starts from lesson 5's model
     python lessons/10_grpo.py --aggregation sequence    # per-answer mean (see the doc: length bias)
@@ -17,9 +17,9 @@ runs/rlhf/online/grpo-default/ (checkpoints, metrics.jsonl, rl*.svg, report.json
 
 from dataclasses import dataclass, field
 
-from nano.config import parse_config
-from nano.grpo import AGGREGATIONS, grpo_method
-from nano.online_rl import OnlineRLConfig, run_online_rl
+from nano.common.config import parse_config
+from nano.align.grpo import AGGREGATIONS, grpo_method
+from nano.align.online_rl import OnlineRLConfig, run_online_rl
 
 
 @dataclass

@@ -2,7 +2,7 @@
 Lesson 11: PPO, the classic RLHF algorithm: an actor (the policy) and a critic (a value head on the
 policy's own backbone), a per-token KL penalty to the reference folded into the reward, the answer's
 score at its last token, GAE advantages, and several clipped epochs over each buffer of rollouts
-(nano/ppo.py).
+(nano/align/ppo.py).
 
     make lesson-11                                     # --reward math: the TinyMath grader
     python lessons/11_ppo.py --reward rm --prompts preferences   # lesson 8's reward model on story prompts
@@ -16,9 +16,9 @@ report.json.
 
 from dataclasses import dataclass, field
 
-from nano.config import parse_config
-from nano.ppo import ppo_method
-from nano.online_rl import OnlineRLConfig, run_online_rl
+from nano.common.config import parse_config
+from nano.align.online_rl import OnlineRLConfig, run_online_rl
+from nano.align.ppo import ppo_method
 
 
 @dataclass

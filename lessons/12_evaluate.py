@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
-from nano.bins import load_pretrain_tokens
-from nano.checkpoint import load_tokenizer
-from nano.config import parse_config, pick_device, print_config, save_config
-from nano.evaluate import evaluate_model, load_task, parse_tasks, task_path
-from nano.fileio import write_json, write_text
-from nano.loading import STAGES, Stage
-from nano.paths import runs_dir
-from nano.plot import bar_chart, write_svg
-from nano.val_loss import token_byte_lengths, validation_loss
+from nano.common.config import parse_config, pick_device, print_config, save_config
+from nano.common.fileio import write_json, write_text
+from nano.common.paths import runs_dir
+from nano.common.plot import bar_chart, write_svg
+from nano.text.bins import load_pretrain_tokens
+from nano.checkpoints.checkpoint import load_tokenizer
+from nano.checkpoints.loading import STAGES, Stage
+from nano.eval.evaluate import evaluate_model, load_task, parse_tasks, task_path
+from nano.eval.val_loss import token_byte_lengths, validation_loss
 
 # Per-task defaults. TinyMath's worked answers are 48 tokens long at the median, 73 at most (lesson
 # 1's tokenizer writes every digit as a token): 96 leaves room. GSM8K's answers are long and slow to
@@ -117,7 +117,7 @@ def choose_tasks(cfg: EvalConfig) -> tuple[list[str], list[str]]:
 def evaluate_stage(stage: Stage, tasks: list[str], cfg: EvalConfig, device: str, out_dir: Path) -> dict:
     """Load one stage, grade it on every task, and measure its validation loss; returns its row."""
     start = time.time()
-    model, info = stage.load(device)  # nano/loading.py: checkpoint -> NF4 (if asked) -> adapter
+    model, info = stage.load(device)  # nano/checkpoints/loading.py: checkpoint -> NF4 (if asked) -> adapter
     tokenizer = load_tokenizer(info["tokenizer_fingerprint"])
     mode = mode_of(stage)
     print(f"\n=== {stage.name}: {info['description']}")

@@ -9,7 +9,7 @@ conversation's KV cache lives on between turns, so each turn costs only its own 
         --adapter_path runs/sft/peft/qlora/default/adapter.pth --quantize   # the QLoRA model, 4-bit
 
 Without --checkpoint_path it picks the newest stage that exists (PPO, GRPO, DPO, then full SFT,
-LoRA, QLoRA; nano/loading.py: default_chat_stage) and says which. In the chat: /reset, /temp 0.7,
+LoRA, QLoRA; nano/checkpoints/loading.py: default_chat_stage) and says which. In the chat: /reset, /temp 0.7,
 /top_k 40, /top_p 0.9, /help, /quit or Ctrl-D to leave; Ctrl-C stops the reply being written.
 With --prompt only the answer goes to stdout (the rest to stderr), so `$(...)` captures just it.
 The doc is lessons/13_chat.md; the decode benchmark is bench/bench_generate.py.
@@ -23,12 +23,12 @@ from typing import Callable
 
 import torch
 
-from nano.chat_format import decode_reply, encode_text, render_prompt, special_id, stop_token_ids
-from nano.checkpoint import load_tokenizer
-from nano.config import parse_config, pick_device, print_config
-from nano.generate import StreamDecoder, generate
-from nano.loading import default_chat_stage, load_for_inference
-from nano.paths import BASE_CHECKPOINT, runs_dir
+from nano.common.config import parse_config, pick_device, print_config
+from nano.common.paths import BASE_CHECKPOINT, runs_dir
+from nano.text.chat_format import decode_reply, encode_text, render_prompt, special_id, stop_token_ids
+from nano.model.generate import StreamDecoder, generate
+from nano.checkpoints.checkpoint import load_tokenizer
+from nano.checkpoints.loading import default_chat_stage, load_for_inference
 
 
 @dataclass

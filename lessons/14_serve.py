@@ -9,7 +9,7 @@ conversations run at once through continuous batching over a paged KV cache.
     python lessons/14_serve.py --self_check                 # start, 8 concurrent clients over HTTP, numbers, stop
     python lessons/14_serve.py --screenshot lessons/images/14_chat_page.png   # the page in headless Chromium
 
-Without --checkpoint_path it serves the stage lesson 13 would chat with (nano/loading.py:
+Without --checkpoint_path it serves the stage lesson 13 would chat with (nano/checkpoints/loading.py:
 default_chat_stage) and says which; --also lora,qlora loads more stages beside it (the page gets a
 model picker). Open the printed URL for the chat page: its right-hand panel draws the KV blocks as
 they fill and free. Ctrl-C stops the server. The doc is lessons/14_serve.md; the throughput
@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 
-from nano.chat_format import render_prompt, stop_token_ids
-from nano.config import parse_config, pick_device, print_config
-from nano.engine import Engine, SamplingParams
-from nano.kv_cache import memory_table
-from nano.loading import BASE_CHECKPOINT, STAGES, default_chat_stage, load_for_inference, load_tokenizer
-from nano.paths import runs_dir
-from nano.server import ServedModel, ServerThread, create_app
+from nano.common.config import parse_config, pick_device, print_config
+from nano.common.paths import runs_dir
+from nano.text.chat_format import render_prompt, stop_token_ids
+from nano.checkpoints.loading import BASE_CHECKPOINT, STAGES, default_chat_stage, load_for_inference, load_tokenizer
+from nano.serve.engine import Engine, SamplingParams
+from nano.serve.kv_cache import memory_table
+from nano.serve.server import ServedModel, ServerThread, create_app
 
 
 @dataclass

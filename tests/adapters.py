@@ -1,7 +1,7 @@
 """
 The tests call the code under test through this thin layer, so you can judge your own code with them.
 
-Every test file gets its module with `impl("tokenizer")`, which is `nano.tokenizer` — unless the
+Every test file gets its module with `impl("tokenizer")`, which is `nano.text.tokenizer` — unless the
 environment variable NANO_IMPL_TOKENIZER names another module (a path to a .py file, or an
 importable name). To rewrite a concept from scratch and let our tests be the judge:
 
@@ -16,9 +16,9 @@ module, and each test says in its name and body what those names must do. Names 
 a test runs, not when the file is collected, so a module that has only `merge` so far runs the
 tests of `merge`, and every other test fails with "your module has no `Tokenizer` yet".
 
-One function inside a large module (e.g. `sft_batch` in nano/bins.py) can be yours alone: a file
-that sets `OVERLAY_ON = "nano.bins"` replaces only the names it defines, and every other name comes
-from nano.bins (`make exercise-2 FN=sft_batch` writes such a file).
+One function inside a large module (e.g. `sft_batch` in nano/text/bins.py) can be yours alone: a file
+that sets `OVERLAY_ON = "nano.text.bins"` replaces only the names it defines, and every other name
+comes from nano.text.bins (`make exercise-2 FN=sft_batch` writes such a file).
 """
 
 import importlib
@@ -27,6 +27,24 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
+
+
+NANO = Path(__file__).resolve().parent.parent / "nano"
+
+
+def module_path(concept: str) -> Path:
+    """nano/<wing>/<concept>.py: every module name is unique across the wings, so the name alone finds it."""
+    found = sorted(NANO.glob(f"*/{concept}.py"))
+    if len(found) != 1:
+        wings = sorted(p.parent.name for p in found)
+        raise LookupError(f"no module {concept}.py in nano's wings" if not found
+                          else f"{concept}.py is in several wings: {wings}")
+    return found[0]
+
+
+def module_name(concept: str) -> str:
+    """'tokenizer' -> 'nano.text.tokenizer'."""
+    return f"nano.{module_path(concept).parent.name}.{concept}"
 
 
 class Implementation:
@@ -54,7 +72,7 @@ def impl(concept: str):
     """The module that implements `concept`: yours if NANO_IMPL_<CONCEPT> says so, else nano's."""
     override = os.environ.get(f"NANO_IMPL_{concept.upper()}")
     if not override:
-        return importlib.import_module(f"nano.{concept}")
+        return importlib.import_module(module_name(concept))
     module = _load(concept, override)
     fallback_name = getattr(module, "OVERLAY_ON", None)
     fallback = importlib.import_module(fallback_name) if fallback_name else None

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 @pytest.fixture
 def nano_dirs(tmp_path, monkeypatch):
-    """Point nano.paths at empty temporary data/ and runs/ folders for one test."""
+    """Point nano.common.paths at empty temporary data/ and runs/ folders for one test."""
     monkeypatch.setenv("NANO_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("NANO_RUNS_DIR", str(tmp_path / "runs"))
     return tmp_path
@@ -88,7 +88,7 @@ def tiny_pipeline(tmp_path_factory):
 
 @pytest.fixture
 def pipeline_dirs(tiny_pipeline, monkeypatch):
-    """Point nano.paths at the tiny pipeline's data/ and runs/ for one test."""
+    """Point nano.common.paths at the tiny pipeline's data/ and runs/ for one test."""
     monkeypatch.setenv("NANO_DATA_DIR", str(tiny_pipeline / "data"))
     monkeypatch.setenv("NANO_RUNS_DIR", str(tiny_pipeline / "runs"))
     return tiny_pipeline

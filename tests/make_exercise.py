@@ -1,5 +1,5 @@
 """
-Write a starting point for an exercise: a module of nano/ with every body taken out.
+Write a starting point for an exercise: a module of nano/'s wings with every body taken out.
 
     python tests/make_exercise.py tokenizer                  # -> exercises/tokenizer.py
     python tests/make_exercise.py bins --only sft_batch      # -> exercises/bins_sft_batch.py
@@ -10,7 +10,7 @@ docstrings — and replaces each function's body with `raise NotImplementedError
 function, then run its tests alone (`make check-1 K=merge`): they pass, and the tests of what you have
 not written yet fail with "not written yet", one by one, until the whole module is yours.
 
-With --only NAME, the stub holds that one function and `OVERLAY_ON = "nano.<module>"`: the tests
+With --only NAME, the stub holds that one function and `OVERLAY_ON = "nano.<wing>.<module>"`: the tests
 take every other name from nano (see tests/adapters.py).
 """
 
@@ -19,18 +19,20 @@ import ast
 import sys
 from pathlib import Path
 
+from adapters import module_name, module_path
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # the concept modules of each lesson, in the order a learner meets them
 LESSON_MODULES = {
-    0: ["tinymath"], 1: ["tokenizer"], 2: ["chat_format", "bins"], 3: ["attention", "model"],
+    0: ["tinymath"], 1: ["tokenizer"], 2: ["chat_format", "bins"], 3: ["attention", "gemma"],
     4: ["trainer", "val_loss"], 5: ["sft"], 6: ["lora"], 7: ["nf4"], 8: ["reward_model"], 9: ["dpo", "flaws"],
     10: ["rollout", "grpo"], 11: ["ppo"], 12: ["evaluate"], 13: ["generate"], 14: ["kv_cache", "engine"],
 }
 
 
 def _stub_body(name: str, indent: str, module: str) -> str:
-    return f'{indent}raise NotImplementedError("{name} is not written yet: see its docstring and the tests of nano.{module}")\n'
+    return f'{indent}raise NotImplementedError("{name} is not written yet: see its docstring and the tests of {module}.py")\n'
 
 
 def _stub_function(node: ast.FunctionDef, lines: list[str], module: str, qualname: str,
@@ -69,8 +71,9 @@ def _stub_class(node: ast.ClassDef, lines: list[str], module: str, defined: set[
 
 
 def make_stub(module: str, only: str | None = None) -> str:
-    """The stub's text for nano/<module>.py (or only its function `only`)."""
-    source_path = ROOT / "nano" / f"{module}.py"
+    """The stub's text for nano/<wing>/<module>.py (or only its function `only`)."""
+    source_path = module_path(module)
+    dotted, shown = module_name(module), source_path.relative_to(ROOT)
     source = source_path.read_text(encoding="utf-8")
     lines = source.splitlines(keepends=True)
     tree = ast.parse(source)
@@ -103,10 +106,10 @@ def make_stub(module: str, only: str | None = None) -> str:
             parts.append(text)
     if only is not None:
         if not any(only in p for p in parts[-1:]):
-            raise SystemExit(f"nano/{module}.py has no top-level function {only!r}")
-        intro = (f'"""Exercise: write `{only}` (from nano/{module}.py). Every other name the tests need comes\n'
-                 f'from nano.{module}, because of OVERLAY_ON below (tests/adapters.py)."""\n\n')
-        return intro + "".join(p for p in parts if not p.startswith("\n\n")) + f'\nOVERLAY_ON = "nano.{module}"\n' \
+            raise SystemExit(f"{shown} has no top-level function {only!r}")
+        intro = (f'"""Exercise: write `{only}` (from {shown}). Every other name the tests need comes\n'
+                 f'from {dotted}, because of OVERLAY_ON below (tests/adapters.py)."""\n\n')
+        return intro + "".join(p for p in parts if not p.startswith("\n\n")) + f'\nOVERLAY_ON = "{dotted}"\n' \
             + "".join(p for p in parts if p.startswith("\n\n"))
     return "\n".join(p.rstrip("\n") + "\n" for p in parts)
 
@@ -123,14 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         if lesson not in LESSON_MODULES:
             raise SystemExit(f"lesson {lesson} has no exercise module; lessons with one: {sorted(LESSON_MODULES)}")
         modules = LESSON_MODULES[lesson] if not args.only else [
-            next((m for m in LESSON_MODULES[lesson] if f"\ndef {args.only}(" in (ROOT / "nano" / f"{m}.py").read_text()),
+            next((m for m in LESSON_MODULES[lesson] if f"\ndef {args.only}(" in module_path(m).read_text()),
                  LESSON_MODULES[lesson][0])]
     else:
         lesson = next((n for n, ms in LESSON_MODULES.items() if args.target in ms), None)
         modules = [args.target]
     for module in modules:
-        if not (ROOT / "nano" / f"{module}.py").is_file():
-            raise SystemExit(f"no module nano/{module}.py")
+        try:
+            module_path(module)
+        except LookupError as error:
+            raise SystemExit(str(error)) from None
         out = Path(args.out_dir) / (f"{module}_{args.only}.py" if args.only else f"{module}.py")
         if out.exists() and not args.force:
             print(f"{out} exists: keeping your work (--force to start over)")

@@ -1,7 +1,7 @@
 """
 Exercise: judge your own implementation with our tests.
 
-`impl("tokenizer")` returns nano.tokenizer unless NANO_IMPL_TOKENIZER names another module (an
+`impl("tokenizer")` returns nano.text.tokenizer unless NANO_IMPL_TOKENIZER names another module (an
 importable name or a path to a .py file). These tests check that the switch really switches.
 """
 
@@ -15,7 +15,7 @@ from conftest import ROOT
 
 
 def test_default_is_nano():
-    assert impl("paths").__name__ == "nano.paths"
+    assert impl("paths").__name__ == "nano.common.paths"
 
 
 def test_override_by_file_path(tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ def test_missing_override_file_is_a_clear_error(monkeypatch):
 def test_a_wrong_implementation_fails_our_tests(tmp_path):
     """The point of the mechanism: a broken config module must make test_00_config fail."""
     broken = tmp_path / "broken_config.py"
-    broken.write_text((ROOT / "nano" / "config.py").read_text().replace("later wins", "x").replace(
+    broken.write_text((ROOT / "nano" / "common" / "config.py").read_text().replace("later wins", "x").replace(
         "values[name] = _convert(fields[name], value, \"command line\")", "pass"))
     env = {"NANO_IMPL_CONFIG": str(broken), "PATH": "/usr/bin:/bin"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", str(ROOT / "tests" / "test_00_config.py")],

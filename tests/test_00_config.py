@@ -1,5 +1,5 @@
 """
-Exercise: the config system (nano/config.py).
+Exercise: the config system (nano/common/config.py).
 
 Implement `parse_config(cls, argv)` so that a lesson's dataclass of defaults can be changed by a
 JSON file (`--config`) and by `--field value` flags, in that order, and so that every mistake —
@@ -98,16 +98,16 @@ def test_save_config_round_trips(tmp_path):
 
 def test_presets_in_lessons_configs_parse():
     """Every preset file shipped in lessons/configs/ is valid JSON with a known lesson prefix."""
-    from nano.paths import CONFIGS_DIR
+    from nano.common.paths import CONFIGS_DIR
 
     for preset in CONFIGS_DIR.glob("*.json"):
         assert isinstance(json.loads(preset.read_text()), dict), preset
 
 
 def test_checkpoint_atomic_write_keeps_old_on_failure(tmp_path, monkeypatch):
-    checkpoint = impl("checkpoint")
+    checkpoint, fileio = impl("checkpoint"), impl("fileio")
     path = tmp_path / "ckpt.pth"
-    checkpoint.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "model_config": {}, "step": 1})
+    fileio.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "model_config": {}, "step": 1})
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -115,7 +115,7 @@ def test_checkpoint_atomic_write_keeps_old_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(RuntimeError):
-        checkpoint.save_checkpoint(path, {"model": {}, "model_config": {}, "step": 2})
+        fileio.save_checkpoint(path, {"model": {}, "model_config": {}, "step": 2})
     monkeypatch.undo()
     assert checkpoint.load_checkpoint(path)["step"] == 1
 

@@ -1,6 +1,6 @@
 """
-Exercise: lesson 0's built-in data (nano/stories.py, nano/tinymath.py, nano/synthetic.py, with the file
-format of nano/story_files.py) and the lesson script that writes it.
+Exercise: lesson 0's built-in data (nano/data/stories.py, nano/data/tinymath.py, nano/data/synthetic.py, with the file
+format of nano/data/story_files.py) and the lesson script that writes it.
 
 Implement the generator so that
   - the same seed gives the same bytes and another seed different ones (`write_stories`,
@@ -357,7 +357,7 @@ def test_lesson_reads_a_local_story_file_and_gsm8k(nano_dirs, tmp_path):
 
 def test_lesson_rejects_bad_arguments():
     lesson = load_lesson("00_data")
-    from nano.config import ConfigError, parse_config
+    from nano.common.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="rl_test"):
         parse_config(lesson.DataConfig, ["--tinymath_test", "5", "--rl_test", "10"], exit_on_error=False)

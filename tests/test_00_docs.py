@@ -1,5 +1,5 @@
 """
-The lesson docs cite the code by name — `nano/trainer.py: lr_at`, `tests/test_04_trainer.py::test_schedule_values`,
+The lesson docs cite the code by name — `nano/train/trainer.py: lr_at`, `tests/test_04_trainer.py::test_schedule_values`,
 `bench/bench_model.py` — and a learner follows those names. This test checks that every cited file
 exists and every cited function, class, method or test is defined there, so the docs cannot drift
 from the code without a test failing.
@@ -82,8 +82,8 @@ def test_every_cited_file_and_name_exists(doc):
 
 def test_the_checker_catches_a_wrong_name(tmp_path):
     doc = tmp_path / "doc.md"
-    doc.write_text("| merge | `nano/tokenizer.py: merge`, `no_such_function` |\nsee `nano/nope.py`\n")
+    doc.write_text("| merge | `nano/text/tokenizer.py: merge`, `no_such_function` |\nsee `nano/nope.py`\n")
     found = list(citations(doc))
-    assert (1, "nano/tokenizer.py", "no_such_function") in found and (2, "nano/nope.py", None) in found
-    assert "merge" in defined_names(ROOT / "nano" / "tokenizer.py")
-    assert "no_such_function" not in defined_names(ROOT / "nano" / "tokenizer.py")
+    assert (1, "nano/text/tokenizer.py", "no_such_function") in found and (2, "nano/nope.py", None) in found
+    assert "merge" in defined_names(ROOT / "nano" / "text" / "tokenizer.py")
+    assert "no_such_function" not in defined_names(ROOT / "nano" / "text" / "tokenizer.py")

@@ -1,5 +1,5 @@
 """
-Exercise: opt-in downloads (nano/download.py), judged against a tiny local HTTP server and file:// URLs.
+Exercise: opt-in downloads (nano/data/download.py), judged against a tiny local HTTP server and file:// URLs.
 
 Implement `download(url, dest, limit_bytes=, cut_at=, expected_size=, timeout=)` so that
   - a whole file arrives as `dest`, with no `.part` left behind;

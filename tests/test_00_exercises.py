@@ -22,6 +22,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
 import make_exercise  # noqa: E402  (tests/ is on sys.path only from here on)
+from adapters import module_path  # noqa: E402
 
 # (lesson, module, what the learner writes, the tests of exactly that)
 ROUTES = [
@@ -34,7 +35,7 @@ ROUTES = [
 
 def write_with_nano_versions(stub: str, module: str, names: list[str]) -> str:
     """The stub with the top-level functions/classes `names` replaced by nano's own source."""
-    source = (ROOT / "nano" / f"{module}.py").read_text(encoding="utf-8")
+    source = module_path(module).read_text(encoding="utf-8")
     nano_nodes = {n.name: n for n in ast.parse(source).body if hasattr(n, "name")}
     stub_lines = stub.splitlines(keepends=True)
     source_lines = source.splitlines(keepends=True)
@@ -112,11 +113,11 @@ def test_one_function_overlay_keeps_the_rest_of_nano(tmp_path):
                     "--out_dir", str(tmp_path)], check=True, capture_output=True)
     stub_path = tmp_path / "bins_sft_batch.py"
     text = stub_path.read_text()
-    assert 'OVERLAY_ON = "nano.bins"' in text and "def sft_batch(" in text and "def load_meta(" not in text
+    assert 'OVERLAY_ON = "nano.text.bins"' in text and "def sft_batch(" in text and "def load_meta(" not in text
     failing = run_check(2, "bins", stub_path, "sft_batch")
     assert failing.returncode == 1 and "sft_batch is not written yet" in failing.stdout
     stub_path.write_text(write_with_nano_versions(text, "bins", ["sft_batch"]).replace(
-        'OVERLAY_ON = "nano.bins"', 'OVERLAY_ON = "nano.bins"\nfrom nano.bins import _inputs_and_targets'))
+        'OVERLAY_ON = "nano.text.bins"', 'OVERLAY_ON = "nano.text.bins"\nfrom nano.text.bins import _inputs_and_targets'))
     passing = run_check(2, "bins", stub_path, "sft_batch")
     assert passing.returncode == 0, passing.stdout[-3000:]
 

@@ -1,5 +1,5 @@
 """
-Writing files safely (nano/fileio.py): a crash mid-write leaves the old file whole and no NAME.tmp.
+Writing files safely (nano/common/fileio.py): a crash mid-write leaves the old file whole and no NAME.tmp.
 
 Every lesson's outputs go through `atomic_open` (checkpoints, bins, metrics, configs, plots), so
 these few checks stand behind "nothing is lost on a crash".
@@ -7,7 +7,7 @@ these few checks stand behind "nothing is lost on a crash".
 
 import pytest
 
-from nano import fileio
+from nano.common import fileio
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path):

@@ -1,9 +1,9 @@
 """
-Lesson 1 exercises: byte-level BPE (nano/tokenizer.py). Run with `make check-1`.
+Lesson 1 exercises: byte-level BPE (nano/text/tokenizer.py). Run with `make check-1`.
 
 Rebuild the tokenizer and let these tests judge it (NANO_IMPL_TOKENIZER=my_tokenizer.py make check-1):
   1. `merge(ids, pair, new_id)` replaces each occurrence of a pair, left to right (the module also
-     exports SPECIAL_TOKENS; the preset regexes, PATTERNS, come from nano/pretokenize.py, which
+     exports SPECIAL_TOKENS; the preset regexes, PATTERNS, come from nano/text/pretokenize.py, which
      cuts text into pre-tokens and counts them -- yours may import it, the reference below does).
   2. `tokenizer.Tokenizer.train(...)` learns merges: the most frequent pair first, and on a TIE the
      lexicographically greatest pair of byte strings -- check the hand-worked examples below, then
@@ -25,7 +25,7 @@ import regex
 from adapters import impl
 from conftest import load_lesson
 
-from nano.paths import raw_dir, tokenizer_dir
+from nano.common.paths import raw_dir, tokenizer_dir
 
 tokenizer = impl("tokenizer")
 pretokenize = impl("pretokenize")
@@ -268,7 +268,7 @@ def test_encode_batch_equals_encode(tok):
 
 
 def test_encode_batch_in_worker_processes(tok):
-    """Over ~1 MB the batch is split into groups that 2 worker processes encode (nano/workers.py);
+    """Over ~1 MB the batch is split into groups that 2 worker processes encode (nano/common/workers.py);
     the ids come back whole and in the order of the texts."""
     stories = sample_corpus(seed=4, stories=20000).split("<|endoftext|>")
     assert sum(map(len, stories)) >= 1 << 20  # big enough to take the worker path

@@ -1,9 +1,9 @@
 """
-Exercise (lesson 2): token bins in nano/bins.py.
+Exercise (lesson 2): token bins in nano/text/bins.py.
 
 Implement the bins so that:
   - stories become one flat uint16 array, each story `<bos> story <eos>`, that decodes back to the
-    original stories (nano/story_files.py reads the file in chunks: a story cut by a chunk boundary
+    original stories (nano/data/story_files.py reads the file in chunks: a story cut by a chunk boundary
     must come out whole), the same with one worker process or several;
   - a vocabulary that does not fit uint16 (more than 65,536 ids) is refused;
   - bins read with another tokenizer than the one that made them are refused (TokenizerMismatchError,
@@ -98,7 +98,7 @@ def make_raw(raw):
 @pytest.fixture
 def world(nano_dirs):
     """Raw files, a tokenizer trained on them (saved where lesson 1 puts it) and the built bins."""
-    from nano import paths
+    from nano.common import paths
 
     data = make_raw(paths.raw_dir())
     corpus = (paths.raw_dir() / "stories_train.txt").read_text(encoding="utf-8") + "apples How many more"
@@ -198,7 +198,7 @@ def test_other_tokenizer_is_refused(world):
 
 
 def test_missing_inputs_say_which_lesson(nano_dirs):
-    from nano import paths
+    from nano.common import paths
 
     tok = tokenizer_module.Tokenizer.train("a tiny corpus " * 10, vocab_size=270)
     with pytest.raises(FileNotFoundError, match="lesson-0"):

@@ -1,5 +1,5 @@
 """
-Exercise (lesson 2): the chat format in nano/chat_format.py.
+Exercise (lesson 2): the chat format in nano/text/chat_format.py.
 
 Implement `render_conversation(messages, tokenizer) -> (ids, mask)` and `render_prompt(messages,
 tokenizer) -> ids` so that:

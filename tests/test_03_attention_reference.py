@@ -1,5 +1,5 @@
 """
-Lesson 3 exercise, part 1: attention as a definition (nano/attention.py).
+Lesson 3 exercise, part 1: attention as a definition (nano/model/attention.py).
 
 Implement `attention_reference(q, k, v, scale, softcap, window, key_mask)` so that
   - without a soft-cap it equals PyTorch's own `scaled_dot_product_attention` given the same mask,

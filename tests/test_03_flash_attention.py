@@ -1,6 +1,6 @@
 """
 Exercise (lesson 3): write the fused attention kernel `flash_attention(q, k, v, scale, softcap, window)`
-in nano/flash_attention.py so that it returns exactly what plain attention returns -- and, through
+in nano/model/flash_attention.py so that it returns exactly what plain attention returns -- and, through
 its backward, the same dQ, dK and dV -- for
 
 - any sequence length, also ones that are not a multiple of the tile size (1, 17, 100, 200),
@@ -148,7 +148,7 @@ def test_non_contiguous_inputs():
 
 
 def test_agrees_with_nano_attention():
-    """Our kernel and the project's reference (nano/attention.py), also through its dispatcher."""
+    """Our kernel and the project's reference (nano/model/attention.py), also through its dispatcher."""
     attention = impl("attention")
     q, k, v, _ = random_inputs(2, 4, 1, 33, 16, seed=4)
     fused = flash.flash_attention(q, k, v, 0.25, 5.0, 10)

@@ -1,5 +1,5 @@
 """
-Lesson 3 exercise, part 2: the Gemma-2 Nano model (nano/model.py).
+Lesson 3 exercise, part 2: the Gemma-2 Nano model (nano/model/gemma.py).
 
 Implement `GemmaNano(cfg)` so that
   - forward(idx, targets) returns fp32 logits (B, T, vocab) soft-capped to (-30, 30) and the mean
@@ -20,7 +20,7 @@ import pytest
 import torch
 from adapters import impl
 
-M = impl("model")
+M = impl("gemma")
 
 
 def small_config(**overrides):

@@ -1,5 +1,5 @@
 """
-Exercise: lesson 4 end to end (lessons/04_pretrain.py on top of nano/trainer.py and nano/model.py).
+Exercise: lesson 4 end to end (lessons/04_pretrain.py on top of nano/train/trainer.py and nano/model/gemma.py).
 
 Make pretraining work on the real model: one optimizer step on a fixed batch must lower the loss,
 a smoke run (--fast_dev_run) must leave checkpoints, metrics, a loss curve and samples, and every
@@ -15,7 +15,7 @@ import torch
 from adapters import impl
 from conftest import run_lesson
 
-model_lib = impl("model")
+model_lib = impl("gemma")
 trainer = impl("trainer")
 
 

@@ -1,5 +1,5 @@
 """
-Exercise: the shared training loop (nano/trainer.py).
+Exercise: the shared training loop (nano/train/trainer.py).
 
 Implement `lr_at` (linear warm-up, then cosine to lr * min_lr_ratio), `rows_for` (which rows of the
 global batch each process computes) and `train` so that:

@@ -1,5 +1,5 @@
 """
-Exercise (lesson 4): write `nano/val_loss.py`, how well a model predicts held-out text.
+Exercise (lesson 4): write `nano/eval/val_loss.py`, how well a model predicts held-out text.
 
 Implement
   - `bits_per_byte(loss_nats, num_tokens, num_bytes)`: loss * tokens / (bytes * ln 2),
@@ -58,7 +58,7 @@ def test_validation_loss_on_a_uniform_toy():
 
 
 def test_validation_loss_matches_the_models_own_loss():
-    model_mod = impl("model")
+    model_mod = impl("gemma")
     torch.manual_seed(0)
     model = model_mod.GemmaNano(model_mod.model_config("tiny", vocab_size=64, context_len=16, d_model=32, n_layers=2,
                                                       n_heads=2, head_dim=16, d_ff=64, sliding_window=8,

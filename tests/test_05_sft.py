@@ -1,5 +1,5 @@
 """
-Exercise: supervised fine-tuning (nano/sft.py, lessons 5-7).
+Exercise: supervised fine-tuning (nano/train/sft.py, lessons 5-7).
 
 Make SFT train on the assistant's tokens only: the targets of prompt positions must be ignored, so
 changing them cannot change the loss, while changing an answer token's target must. Then the three
@@ -17,7 +17,7 @@ from adapters import impl
 from conftest import run_lesson
 
 bins = impl("bins")
-model_lib = impl("model")
+model_lib = impl("gemma")
 
 
 def test_loss_ignores_prompt_targets():

@@ -1,5 +1,5 @@
 """
-Exercise (lesson 6): implement low-rank adapters in nano/lora.py.
+Exercise (lesson 6): implement low-rank adapters in nano/model/lora.py.
 
   1. `LoRALinear(base, r, alpha, dropout, rslora)`: y = base(x) + (alpha / r) * B(A(dropout(x))),
      A Kaiming-uniform, B zeros, so the adapted model starts EXACTLY equal to the base; the base is
@@ -9,7 +9,7 @@ Exercise (lesson 6): implement low-rank adapters in nano/lora.py.
      the rest, report trainable vs total parameters (about 1% for a real model).
   4. `save_adapter` / `load_adapter`: a small file with only A and B and what they were made for;
      loading it onto the same base gives the same outputs; another base is refused clearly.
-  5. QLoRA: LoRA on a 4-bit base (nano.nf4.Linear4bit) trains, and merges only by dequantizing.
+  5. QLoRA: LoRA on a 4-bit base (nano.model.nf4.Linear4bit) trains, and merges only by dequantizing.
 
 Run: `make check-6` or `.venv/bin/python -m pytest -q tests/test_06_lora.py`.
 """
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters import impl
-from nano.checkpoint import state_fingerprint
+from nano.checkpoints.checkpoint import state_fingerprint
 from toy_models import ToyModel
 
 lora = impl("lora")
@@ -130,8 +130,8 @@ def test_target_patterns():
     model = toy_model()
     summary = lora.inject_lora(model, targets=["q_proj", r"re:layers\.1\.mlp\.up_proj"])
     assert sorted(summary.modules) == ["layers.0.self_attn.q_proj", "layers.1.mlp.up_proj", "layers.1.self_attn.q_proj"]
-    assert lora.name_matches("layers.0.self_attn.q_proj", "k_proj,q_proj")
-    assert not lora.name_matches("layers.0.self_attn.xq_proj", ["q_proj"])
+    assert impl("targets").name_matches("layers.0.self_attn.q_proj", "k_proj,q_proj")
+    assert not impl("targets").name_matches("layers.0.self_attn.xq_proj", ["q_proj"])
     with pytest.raises(ValueError, match="no linear layer matches"):
         lora.inject_lora(toy_model(), targets=["wq"])
 
@@ -274,7 +274,7 @@ def test_qlora_parameter_count_includes_the_4bit_weights():
 
 
 def test_lora_and_qlora_on_gemma_nano(tmp_path):
-    model_lib = impl("model")
+    model_lib = impl("gemma")
     cfg = model_lib.model_config("tiny", vocab_size=64)
     torch.manual_seed(0)
     base = model_lib.GemmaNano(cfg).eval()

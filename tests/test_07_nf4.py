@@ -1,5 +1,5 @@
 """
-Exercise (lesson 7): implement 4-bit NormalFloat quantization in nano/nf4.py, stored as bitsandbytes does.
+Exercise (lesson 7): implement 4-bit NormalFloat quantization in nano/model/nf4.py, stored as bitsandbytes does.
 
   1. `nf4_code_values()`: the 16 code values from normal quantiles (torch.special.ndtri, no scipy),
      equal to bitsandbytes' table.

@@ -1,5 +1,5 @@
 """
-Exercise: a reward model (nano/reward_model.py, lesson 8).
+Exercise: a reward model (nano/align/reward_model.py, lesson 8).
 
 Build a model that reads prompt + answer and returns one number from the hidden state of the LAST
 REAL token (padding on the right must not matter), train it with the Bradley-Terry loss
@@ -15,7 +15,7 @@ from adapters import impl
 from conftest import run_lesson
 
 rm_lib = impl("reward_model")
-model_lib = impl("model")
+model_lib = impl("gemma")
 
 
 def small_rm(seed: int = 0):

@@ -1,6 +1,6 @@
 """
-Exercise: DPO (nano/dpo.py), the response log-probs it is built on (nano/rollout.py) and the flaw
-checkers that judge what the model writes afterwards (nano/flaws.py, lesson 9).
+Exercise: DPO (nano/align/dpo.py), the response log-probs it is built on (nano/align/rollout.py) and the flaw
+checkers that judge what the model writes afterwards (nano/align/flaws.py, lesson 9).
 
 1. token_logprobs / sequence_logprob: a response's log-probability counts its own tokens only —
    changing a prompt or padding token's TARGET changes nothing — and equals the product of the

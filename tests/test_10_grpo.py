@@ -1,5 +1,5 @@
 """
-Exercise: GRPO (nano/grpo.py, lesson 10) and the online-RL pieces it shares with PPO (nano/rollout.py).
+Exercise: GRPO (nano/align/grpo.py, lesson 10) and the online-RL pieces it shares with PPO (nano/align/rollout.py).
 
 1. Group advantages: (r - group mean) / (group std + eps), std with Bessel's correction.
 2. One GRPO step on a toy problem where one answer is rewarded makes that answer more likely; a group
@@ -22,7 +22,7 @@ from conftest import run_lesson
 grpo = impl("grpo")
 rollout = impl("rollout")
 online_rl = impl("online_rl")
-model_lib = impl("model")
+model_lib = impl("gemma")
 
 
 def small_model(seed: int = 0, vocab: int = 12):

@@ -1,5 +1,5 @@
 """
-Exercise: PPO (nano/ppo.py, lesson 11).
+Exercise: PPO (nano/align/ppo.py, lesson 11).
 
 1. GAE: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1}, returns A + V,
    nothing before or after the response.
@@ -81,11 +81,11 @@ def test_lesson_11_smoke_run(pipeline_dirs):
 def test_reward_model_of_another_tokenizer_is_refused(pipeline_dirs):
     from dataclasses import asdict
 
-    rm_lib, checkpoint = impl("reward_model"), impl("checkpoint")
+    rm_lib = impl("reward_model")
     base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
     rm, _ = rm_lib.RewardModel.from_checkpoint(base)
     path = pipeline_dirs / "runs" / "rm" / "other" / "rm.pth"
-    checkpoint.save_checkpoint(path, {"model": rm.state_dict(), **rm_lib.reward_model_extra(rm, "feedfacefeedface", str(base))})
+    impl("fileio").save_checkpoint(path, {"model": rm.state_dict(), **rm_lib.reward_model_extra(rm, "feedfacefeedface", str(base))})
     assert asdict(rm.cfg)
     with pytest.raises(ValueError, match="tokenizer"):
         run_lesson("11_ppo", "--fast_dev_run", "--checkpoint_path", str(base), "--reward", "rm", "--prompts", "preferences",

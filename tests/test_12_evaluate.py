@@ -1,5 +1,5 @@
 """
-Exercise (lesson 12): write `nano/evaluate.py`, the grader of math word problems.
+Exercise (lesson 12): write `nano/eval/evaluate.py`, the grader of math word problems.
 
 Implement
   - `extract_answer(text)`: the number after "####", else the last final-answer phrase ("The answer
@@ -175,7 +175,7 @@ def write_jsonl(path, rows):
 
 
 def test_load_tinymath_and_limit(nano_dirs):
-    from nano.paths import raw_dir
+    from nano.common.paths import raw_dir
 
     rows = [{"id": f"t{i}", "question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(5)]
     write_jsonl(raw_dir() / "tinymath_test.jsonl", rows)
@@ -217,7 +217,7 @@ CORPUS = (
 @pytest.fixture(scope="module")
 def tok_and_model():
     tokenizer = impl("tokenizer").Tokenizer.train(CORPUS, vocab_size=300)
-    model_mod = impl("model")
+    model_mod = impl("gemma")
     torch.manual_seed(0)
     cfg = model_mod.model_config("tiny", vocab_size=tokenizer.vocab_size, context_len=512, d_model=32, n_layers=2,
                                  n_heads=2, head_dim=16, d_ff=64, sliding_window=16, query_pre_attn_scalar=16.0,
@@ -256,7 +256,7 @@ def test_evaluate_model_chat_writes_graded_samples(nano_dirs, tok_and_model):
 
 
 def test_evaluate_model_fewshot_from_task_name(nano_dirs, tok_and_model):
-    from nano.paths import raw_dir
+    from nano.common.paths import raw_dir
 
     tokenizer, model = tok_and_model
     write_jsonl(raw_dir() / "tinymath_test.jsonl", math_rows(6))

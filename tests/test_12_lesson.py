@@ -2,7 +2,7 @@
 Exercise (lesson 12): the evaluation driver, lessons/12_evaluate.py.
 
 Make `main(argv)`
-  - with no checkpoint: find every stage's files under runs/ (nano/loading.py: STAGES), evaluate the
+  - with no checkpoint: find every stage's files under runs/ (nano/checkpoints/loading.py: STAGES), evaluate the
     ones that exist — chat models zero-shot, the base model few-shot — and list the others as "not
     trained yet (make lesson-N)" in ONE table, written as results.md, results.json, a bar chart per
     task and a graded jsonl per stage and task; each row also has the validation loss and bits per byte,
@@ -25,9 +25,9 @@ from toy_models import BASE, CORPUS, LORA, SFT, save_lora, save_model, toy_model
 
 evaluate = impl("evaluate")
 
-from nano.checkpoint import load_model  # noqa: E402
-from nano.paths import bins_dir, raw_dir, runs_dir, tokenizer_dir  # noqa: E402
-from nano.tokenizer import Tokenizer  # noqa: E402
+from nano.common.paths import bins_dir, raw_dir, runs_dir, tokenizer_dir  # noqa: E402
+from nano.text.tokenizer import Tokenizer  # noqa: E402
+from nano.checkpoints.checkpoint import load_model  # noqa: E402
 
 lesson = load_lesson("12_evaluate")
 

@@ -1,5 +1,5 @@
 """
-Exercise (lesson 13): the chat CLI, lessons/13_chat.py, and the loader it shares, nano/loading.py.
+Exercise (lesson 13): the chat CLI, lessons/13_chat.py, and the loader it shares, nano/checkpoints/loading.py.
 
 Implement
   - `load_for_inference(checkpoint, adapter_path, quantize)`: the checkpoint's model, NF4-quantized
@@ -29,8 +29,8 @@ loading = impl("loading")
 generate_mod = impl("generate")
 chat_format = impl("chat_format")
 
-from nano.paths import runs_dir  # noqa: E402
-from nano.tokenizer import Tokenizer  # noqa: E402
+from nano.common.paths import runs_dir  # noqa: E402
+from nano.text.tokenizer import Tokenizer  # noqa: E402
 
 chat = load_lesson("13_chat")
 
@@ -66,7 +66,7 @@ def test_load_for_inference_plain_adapter_and_quantized(runs, tokenizer):
     assert not torch.allclose(last_logits(with_lora, ids), last_logits(runs["base"], ids), atol=1e-3)
 
     # --quantize: every projection becomes a 4-bit layer, outputs near (not equal to) fp32
-    from nano.nf4 import Linear4bit, quantize_model
+    from nano.model.nf4 import Linear4bit, quantize_model
 
     quantized, info = loading.load_for_inference(runs_dir() / BASE, quantize=True)
     assert info["quantized"] and sum(isinstance(m, Linear4bit) for m in quantized.modules()) == 2 * 7
@@ -131,7 +131,7 @@ def test_one_shot_with_adapter_and_quantize_flags(runs, tokenizer, capsys):
     assert out == greedy_reply(runs["lora"], tokenizer, "Hello", 10) + "\n"
     assert "LoRA adapter" in err
 
-    from nano.nf4 import quantize_model
+    from nano.model.nf4 import quantize_model
 
     chat.main(["--checkpoint_path", str(runs_dir() / BASE), "--quantize", "--prompt", "Hello", "--temperature", "0",
                "--max_new_tokens", "10"])

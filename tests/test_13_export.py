@@ -1,11 +1,11 @@
 """
-Exercise (lesson 13, "take your model elsewhere"): nano/export.py, our model as a Hugging Face folder.
+Exercise (lesson 13, "take your model elsewhere"): nano/checkpoints/export.py, our model as a Hugging Face folder.
 
 Implement
   - `export(checkpoint, out_dir, adapter_path, quantize, dtype, force)`: config.json (Gemma-2's keys
     under Hugging Face's names), model.safetensors ("model." + our names), generation_config.json,
     tokenizer.json (the `tokenizers` format of our byte-level BPE) and tokenizer_config.json (with a
-    chat template that renders what nano/chat_format.py renders); an adapter merged, NF4 dequantized;
+    chat template that renders what nano/text/chat_format.py renders); an adapter merged, NF4 dequantized;
     a non-empty OUT_DIR refused unless force; a foreign checkpoint or mismatched adapter refused,
   - `load_hf(folder)`: the folder back into GemmaNano + Tokenizer, giving identical logits.
 
@@ -28,8 +28,8 @@ export_mod = impl("export")
 chat_format = impl("chat_format")
 loading = impl("loading")
 
-from nano.paths import runs_dir  # noqa: E402
-from nano.tokenizer import Tokenizer  # noqa: E402
+from nano.common.paths import runs_dir  # noqa: E402
+from nano.text.tokenizer import Tokenizer  # noqa: E402
 
 
 # what Gemma2ForCausalLM's config needs (each one is read by transformers' Gemma2Config)
@@ -335,7 +335,7 @@ def test_interrupted_export_leaves_no_folder(runs, monkeypatch):
 
 
 def test_load_hf_refuses_what_it_cannot_read(runs, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nano.export"):
+    with pytest.raises(FileNotFoundError, match="nano.checkpoints.export"):
         export_mod.load_hf(tmp_path / "nothing")
     out = export_mod.export(runs_dir() / SFT, runs["tmp"] / "hf")
     config = json.loads((out / "config.json").read_text())

@@ -1,5 +1,5 @@
 """
-Exercise (lesson 13, export): nano/safetensors.py, a writer and reader for the safetensors format.
+Exercise (lesson 13, export): nano/checkpoints/safetensors.py, a writer and reader for the safetensors format.
 
 The format (README of github.com/huggingface/safetensors): 8 bytes holding N, the header length,
 as a little-endian unsigned 64-bit integer; N bytes of UTF-8 JSON mapping each tensor name to

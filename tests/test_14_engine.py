@@ -1,5 +1,5 @@
 """
-Exercise (lesson 14): write `nano/engine.py`, continuous batching over the paged KV cache.
+Exercise (lesson 14): write `nano/serve/engine.py`, continuous batching over the paged KV cache.
 
 Implement `Engine(model, tokenizer, num_blocks, block_size, ...)` with
   - `submit(prompt_ids, SamplingParams)` -> request id (thread-safe), `stream(request_id)` -> events
@@ -27,7 +27,7 @@ from toy_models import CORPUS, small_gemma
 engine_mod = impl("engine")
 generate_mod = impl("generate")
 
-from nano.tokenizer import Tokenizer  # noqa: E402
+from nano.text.tokenizer import Tokenizer  # noqa: E402
 
 VOCAB = 64
 
@@ -193,11 +193,11 @@ def test_bad_requests_are_refused_before_the_queue(model):
 
 
 def test_nf4_model_serves_the_same_tokens_as_generate(model):
-    """A 4-bit model: the engine dequantizes fused weights once per step (nano/inference.py), generate
+    """A 4-bit model: the engine dequantizes fused weights once per step (nano/model/decode_step.py), generate
     through the Linear4bit layers; both are the same numbers, so the same greedy tokens."""
     import copy
 
-    from nano.nf4 import quantize_model
+    from nano.model.nf4 import quantize_model
 
     quantized = quantize_model(copy.deepcopy(model), double_quant=True).eval()
     prompts = random_prompts(6, seed=7)
@@ -207,7 +207,7 @@ def test_nf4_model_serves_the_same_tokens_as_generate(model):
 
 
 def test_fast_decode_step_is_bit_for_bit_the_plain_forward(model):
-    """GemmaNano.forward's one-token path (nano/inference.py) against the layer-by-layer forward."""
+    """The fused one-token step (nano/model/decode_step.py, which generate takes) against the layer-by-layer forward."""
     prompt = torch.tensor([random_prompts(1, seed=8, longest=10)[0] + [1, 2, 3]])
     fast_cache, plain_cache = model.new_kv_cache(1, 64), model.new_kv_cache(1, 64)
     with torch.no_grad():
@@ -215,7 +215,7 @@ def test_fast_decode_step_is_bit_for_bit_the_plain_forward(model):
         model(prompt, kv_cache=plain_cache)
         for _ in range(30):  # past the sliding window of 8: the window mask is exercised
             token = logits[:, -1].argmax(-1, keepdim=True)
-            logits, _ = model(token, kv_cache=fast_cache)  # the fast path
+            logits = generate_mod.next_logits(model, token, fast_cache)  # the fast path
             hidden = model.forward_hidden(token, plain_cache)  # the plain one
             plain = (hidden[:, -1] @ model.embed_tokens.weight.T).float()
             plain = model.cfg.final_softcap * torch.tanh(plain / model.cfg.final_softcap)

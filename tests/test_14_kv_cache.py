@@ -1,5 +1,5 @@
 """
-Exercise (lesson 14): write `nano/kv_cache.py`, the paged KV cache.
+Exercise (lesson 14): write `nano/serve/kv_cache.py`, the paged KV cache.
 
 Implement
   - `BlockAllocator(num_blocks, block_size)`: a free list (oldest freed block handed out first),
@@ -13,7 +13,7 @@ Implement
     `commit(seq, tokens)` (register full blocks), `fork(seq)`, `free(seq)`, `slot_ids`, `write`;
   - `paged_attention_reference(q, key_pool, value_pool, block_tables, query_positions, key_lens, ...)`:
     attention that reads K/V through the block tables and equals ordinary attention
-    (nano/attention.py) — causal, soft-capped, with the sliding window.
+    (nano/model/attention.py) — causal, soft-capped, with the sliding window.
 """
 
 import pytest
@@ -22,7 +22,7 @@ import torch
 from adapters import impl
 
 kv = impl("kv_cache")
-model_mod = impl("model")
+model_mod = impl("gemma")
 attention_mod = impl("attention")
 
 

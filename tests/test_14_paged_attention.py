@@ -1,7 +1,7 @@
 """
 Exercise (lesson 14): write the Triton decode kernel `paged_decode_attention(q, key_pool, value_pool,
-block_tables, key_lens, scale, softcap, window)` in nano/paged_attention.py, so that it returns
-what the gather path (nano/kv_cache.py: paged_attention_reference) returns for one new token per
+block_tables, key_lens, scale, softcap, window)` in nano/serve/paged_attention.py, so that it returns
+what the gather path (nano/serve/kv_cache.py: paged_attention_reference) returns for one new token per
 sequence: keys read block by block through the block table, soft-cap, sliding window, MQA and GQA,
 sequences that span many blocks and ones shorter than a block.
 

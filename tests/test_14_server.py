@@ -1,5 +1,5 @@
 """
-Exercise (lesson 14): write `nano/server.py`, an OpenAI-compatible API over the engine (Flask).
+Exercise (lesson 14): write `nano/serve/server.py`, an OpenAI-compatible API over the engine (Flask).
 
 Implement `create_app({name: ServedModel(engine, tokenizer)}, api_key=None)` with
   - POST /v1/chat/completions: OpenAI's request fields (model, messages, temperature, top_p,
@@ -31,8 +31,8 @@ from toy_models import CORPUS, small_gemma
 
 server_mod = impl("server")
 engine_mod = impl("engine")
-from nano.chat_format import render_prompt, stop_token_ids  # noqa: E402
-from nano.tokenizer import Tokenizer  # noqa: E402
+from nano.text.chat_format import render_prompt, stop_token_ids  # noqa: E402
+from nano.text.tokenizer import Tokenizer  # noqa: E402
 
 CONTEXT = 512
 

@@ -14,11 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters import impl
-from nano.checkpoint import save_checkpoint, state_fingerprint
-from nano.lora import inject_lora, save_adapter
-from nano.paths import runs_dir, tokenizer_dir
+from nano.common.fileio import save_checkpoint
+from nano.common.paths import runs_dir, tokenizer_dir
+from nano.model.lora import inject_lora, save_adapter
+from nano.checkpoints.checkpoint import state_fingerprint
 
-model_mod = impl("model")
+model_mod = impl("gemma")
 
 
 class ToyAttention(nn.Module):
@@ -119,7 +120,7 @@ def save_model(model, tokenizer, path: str) -> dict:
 
 def save_lora(base, path: str, quantize: bool = False, seed: int = 2) -> torch.nn.Module:
     """An adapter (B randomised, so it changes the outputs) made for `base`, saved with base's identity."""
-    from nano.nf4 import quantize_model
+    from nano.model.nf4 import quantize_model
 
     identity = {"model_config": asdict(base.cfg), "checkpoint": state_fingerprint(base.state_dict())}
     adapted = copy.deepcopy(base)

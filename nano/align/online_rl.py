@@ -1,0 +1,376 @@
+"""
+Online RL on the shared training loop: what GRPO (lesson 10) and PPO (lesson 11) have in common.
+
+The trainer (nano/train/trainer.py) asks for a batch per step and a loss per batch. Online RL fits that
+shape with a rollout buffer: at the first step of each group of `epochs * minibatches` steps,
+make_batch samples a fresh buffer from the current policy (prompts_per_rollout x group_size
+answers, nano/align/rollout.py: sample_responses), scores it (`Scorer`: the TinyMath grader or lesson 8's
+reward model), and lets the method add what it needs (GRPO: group advantages; PPO: values, GAE).
+Every step of the group then serves one shuffled minibatch of that buffer.
+
+Resume: eval_every is a multiple of the group, so a checkpoint always falls between groups and
+--resume starts a fresh buffer exactly where the uninterrupted run would have (the sampling seed
+depends only on (seed, group)). A Ctrl-C save in the middle of a group resumes by sampling that
+group again from the saved weights: close, but not bit-identical.
+
+Files of a run (runs/rlhf/online/<method>-<run_name>/): checkpoints/ckpt_best.pth and ckpt_last.pth
+(the whole training state, for --resume), checkpoints/policy_best.pth (the policy alone as plain
+weights: what lessons 12 and 13 load), adapter.pth (LoRA runs), metrics.jsonl, rl*.svg, report.json.
+
+Tests: `.venv/bin/python -m pytest -q tests/test_10_grpo.py tests/test_11_ppo.py`.
+"""
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from nano.common.config import save_config
+from nano.common.fileio import append_jsonl, read_jsonl, save_checkpoint, write_json
+from nano.common.paths import runs_dir
+from nano.common.plot import line_chart, write_svg
+from nano.text.bins import PreferenceDataset, load_rl_prompts
+from nano.model.lora import merge_lora, save_adapter
+from nano.checkpoints.checkpoint import load_checkpoint
+from nano.train.sft import math_accuracy
+from nano.train.trainer import Task, row_generator, train
+from nano.align.reward_model import load_reward_model
+from nano.align.rollout import (PolicyConfig, Rollout, begin_run, check_answers, group_std, load_policy, math_rewards, policy_state_for_saving,
+                          response_logprobs, sample_responses)
+
+REWARD_MODEL = "rm/default/checkpoints/ckpt_best.pth"  # lesson 8's reward model, under runs/
+
+
+@dataclass
+class OnlineRLConfig(PolicyConfig):
+    """Knobs shared by GRPO and PPO (lessons 10 and 11), with the defaults both use (fitted to the tiny
+    preset on 2 CPU cores, chosen on the validation prompts; see the lesson docs); each lesson adds
+    its own knobs and learning rate."""
+
+    reward: str = field(default="math", metadata={"help": "math: graded answer (1/0); rm: lesson 8's reward model",
+                                                  "choices": ["math", "rm"]})
+    reward_model_path: str = field(default="", metadata={"help": f"reward model for --reward rm (default runs/{REWARD_MODEL})"})
+    prompts: str = field(default="tinymath", metadata={"help": "tinymath: RL prompts with answers; preferences: lesson 0's preference prompts (no answers)",
+                                                       "choices": ["tinymath", "preferences"]})
+    val_prompts: int = field(default=200, metadata={"help": "prompts held out of training: choose settings and ckpt_best on these"})
+    train_prompts: int = field(default=0, metadata={"help": "train on the first N training prompts only, many times each (0 = all); their greedy reward is reported too"})
+    prompts_per_rollout: int = field(default=16, metadata={"help": "prompts per rollout buffer"})
+    group_size: int = field(default=8, metadata={"help": "sampled answers per prompt"})
+    max_new_tokens: int = field(default=80, metadata={"help": "longest sampled answer"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the rollouts"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the rollouts (1 = off)"})
+    epochs: int = field(default=1, metadata={"help": "passes over each rollout buffer"})
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass (the buffer is split this many ways)"})
+    clip_eps: float = field(default=0.2, metadata={"help": "ratio clip: pi/pi_old stays in [1 - eps, 1 + eps]"})
+    # shared-loop defaults for RL: a short run, no decay, a constant rate
+    steps: int = field(default=40, metadata={"help": "optimizer steps"})
+    eval_every: int = field(default=10, metadata={"help": "steps between held-out evaluations and checkpoints"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=5, metadata={"help": "linear warm-up steps"})
+    schedule: str = field(default="constant", metadata={"help": "lr schedule after warm-up", "choices": ["cosine", "constant"]})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay (matrices only)"})
+    samples: int = field(default=2, metadata={"help": "held-out answers written at each evaluation"})
+    batch_size: int = field(default=0, metadata={"help": "rows per optimizer step (0 = derived: buffer / minibatches)"})
+    micro_batch_size: int = field(default=0, metadata={"help": "rows per forward pass (0 = the whole step)"})
+
+    def __post_init__(self):
+        if self.fast_dev_run:
+            self.prompts_per_rollout, self.group_size, self.max_new_tokens = 2, 4, 24
+            self.val_prompts, self.eval_problems = min(self.val_prompts, 8), 0
+        buffer = self.prompts_per_rollout * self.group_size
+        if buffer % self.minibatches:
+            raise ValueError(f"prompts_per_rollout * group_size ({buffer}) must split into {self.minibatches} minibatches")
+        self.batch_size = buffer // self.minibatches
+        self.micro_batch_size = self.micro_batch_size or self.batch_size
+        super().__post_init__()
+        # checkpoints only between buffers (see "Resume" above)
+        per_buffer = self.epochs * self.minibatches
+        self.eval_every = max(per_buffer, -(-self.eval_every // per_buffer) * per_buffer)
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.epochs * self.minibatches
+
+
+@dataclass
+class PromptSet:
+    """Prompts to sample from: token ids, text, and the answer a reply must reach (None: no answer)."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    answers: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: Sequence[int]) -> "PromptSet":
+        return PromptSet([self.ids[i] for i in index], [self.texts[i] for i in index], [self.answers[i] for i in index])
+
+
+def load_prompt_sets(kind: str, tokenizer: Any, val_size: int) -> tuple[PromptSet, PromptSet]:
+    """(train, validation) prompts. TinyMath: the RL prompts of lesson 2, the last `val_size` held out
+    for validation (the test problems are never touched). Preferences: the prompts of the preference
+    pairs, train and val splits (stories and math questions; no answers)."""
+    if kind == "tinymath":
+        rows = load_rl_prompts("train", tokenizer)
+        if len(rows) <= val_size:
+            raise ValueError(f"only {len(rows)} RL prompts: lower --val_prompts (now {val_size})")
+        full = PromptSet([r.prompt_ids for r in rows], [r.prompt for r in rows], [r.answer for r in rows])
+        return full.subset(range(len(rows) - val_size)), full.subset(range(len(rows) - val_size, len(rows)))
+    sets = []
+    for split in ("train", "val"):
+        data = PreferenceDataset(split, tokenizer)
+        ids = [data[i]["prompt_ids"].tolist() for i in range(len(data))]
+        sets.append(PromptSet(ids, [tokenizer.decode(p) for p in ids], [None] * len(ids)))
+    return sets[0], sets[1].subset(range(min(val_size, len(sets[1]))))
+
+
+def prompt_for(seed: int, group: int, i: int, per_group: int, n: int) -> int:
+    """Which training prompt slot i of buffer `group` reads: shuffled epochs over the n prompts, no state."""
+    position = group * per_group + i
+    epoch, offset = divmod(position, n)
+    return int(torch.randperm(n, generator=row_generator(seed, epoch, -2))[offset])
+
+
+class Scorer:
+    """The reward of an answer: graded against the prompt's number (math), or lesson 8's reward model (rm)."""
+
+    def __init__(self, kind: str, tokenizer: Any, reward_model_path: str | Path = ""):
+        self.kind, self.rm = kind, None
+        if kind == "rm":
+            self.rm = load_reward_model(reward_model_path or runs_dir() / REWARD_MODEL, tokenizer.fingerprint())
+
+    def check(self, prompts: PromptSet) -> None:
+        """Fail before any sampling when the reward cannot grade these prompts."""
+        if self.kind == "math":
+            check_answers(prompts.answers)
+
+    @torch.no_grad()
+    def __call__(self, rollout: Rollout, answers: Sequence[str | None]) -> torch.Tensor:
+        if self.kind == "math":
+            return math_rewards(rollout.texts, answers)
+        device = rollout.ids.device
+        self.rm.to(device)
+        return self.rm(rollout.ids, real_lengths(rollout.response_mask)).float().cpu()
+
+
+def real_lengths(response_mask: torch.Tensor) -> torch.Tensor:
+    """Prompt + response tokens of each right-padded row: one past its last response token. (N, T) -> (N,)
+
+    >>> real_lengths(torch.tensor([[0, 1, 1, 0], [0, 0, 0, 1]]))
+    tensor([3, 4])
+    """
+    positions = torch.arange(response_mask.shape[1], device=response_mask.device)
+    return (response_mask * positions).max(-1).values + 1
+
+
+@dataclass
+class OnlineMethod:
+    """What GRPO and PPO each bring to `run_online_rl`.
+
+    train_model(policy_model) -> the module the loop trains (the policy, or policy + value head)
+    policy_of(train_model)    -> the policy inside it (to sample, evaluate and save)
+    prepare(buffer, ctx)      -> fill buffer.extra with per-row tensors (advantages, values, ...)
+    loss(model, minibatch)    -> (scalar loss, {stat: float}) for one minibatch
+    """
+
+    name: str
+    prepare: Callable[[Rollout, dict], None]
+    loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+    train_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
+    policy_of: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
+
+
+@torch.no_grad()
+def buffer_logprobs(model: torch.nn.Module, buffer: Rollout, chunk: int = 64) -> torch.Tensor:
+    """response_logprobs of a whole buffer without gradients, `chunk` rows at a time, in eval mode: (N, T - 1)."""
+    was_training = model.training
+    model.eval()
+    ids, mask = buffer.ids, buffer.response_mask
+    out = torch.cat([response_logprobs(model, ids[i : i + chunk], mask[i : i + chunk])[0] for i in range(0, ids.shape[0], chunk)])
+    model.train(was_training)
+    return out
+
+
+def minibatch(buffer: Rollout, rows: torch.Tensor) -> dict:
+    """Rows of the buffer, trimmed to the longest of them: ids, response_mask and every per-row extra."""
+    mask = buffer.response_mask[rows]
+    width = max(int(real_lengths(mask).max()), 2)
+    out = {"ids": buffer.ids[rows, :width], "response_mask": mask[:, :width]}
+    for key, value in buffer.extra.items():
+        if isinstance(value, torch.Tensor) and value.shape[0] == len(buffer):
+            out[key] = value[rows][:, : width - 1] if value.dim() == 2 else value[rows]
+    return out
+
+
+def greedy_answers(model: torch.nn.Module, tokenizer: Any, prompts: PromptSet, max_new_tokens: int, batch_size: int = 100) -> Rollout:
+    """The policy's greedy answer to each prompt (what evaluation and chat see)."""
+    return sample_responses(model, tokenizer, prompts.ids, 1, max_new_tokens, temperature=0.0, batch_size=batch_size)
+
+
+def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict:
+    """Online RL on the shared loop: sample, score, let `method` turn scores into a loss, repeat.
+
+    Writes runs/<stage>/<run_name>/ (checkpoints, metrics.jsonl, rl.svg, report.json) and returns the report.
+    """
+    start = begin_run(cfg)
+    t0 = time.time()
+    # 1. the policy, its frozen reference, the prompts and the reward
+    policy = load_policy(start, cfg.adapter_path or None, cfg.quantize, cfg.lora_r)
+    tokenizer = policy.tokenizer
+    train_prompts, val_prompts = load_prompt_sets(cfg.prompts, tokenizer, cfg.val_prompts)
+    if cfg.train_prompts:  # practise a few problems many times (lesson 10's doc: practice vs transfer)
+        train_prompts = train_prompts.subset(range(min(cfg.train_prompts, len(train_prompts))))
+    scorer = Scorer(cfg.reward, tokenizer, cfg.reward_model_path)
+    scorer.check(train_prompts)
+    run_dir = runs_dir() / stage / f"{method.name}-{cfg.run_name}"
+    trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
+    print(f"policy: {policy.description}; {trainable:,} trainable parameters")
+    print(f"prompts: {len(train_prompts):,} {cfg.prompts} for training, {len(val_prompts)} held out; reward: {cfg.reward}")
+    print(f"each buffer: {cfg.prompts_per_rollout} prompts x {cfg.group_size} answers, {cfg.epochs} epoch(s) x "
+          f"{cfg.minibatches} minibatch(es) = {cfg.steps_per_rollout} optimizer step(s); writing to {run_dir}")
+    save_config(cfg, run_dir)
+
+    # 2. where the policy starts: held-out reward and TinyMath test accuracy
+    def greedy_reward(model, prompts: PromptSet) -> tuple[Rollout, torch.Tensor]:
+        answers = greedy_answers(method.policy_of(model), tokenizer, prompts, cfg.max_new_tokens)
+        return answers, scorer(answers, prompts.answers)
+
+    def val_reward(model) -> dict:
+        answers, rewards = greedy_reward(model, val_prompts)
+        last_eval_texts[:] = [f"{p}\n-> {t}" for p, t in zip(val_prompts.texts[: cfg.samples], answers.texts)]
+        return {"val_reward": float(rewards.mean()), "val_response_len": float(answers.response_lengths.float().mean())}
+
+    last_eval_texts: list[str] = []
+    model = method.train_model(policy.model)
+    n_test = cfg.eval_problems
+    before_val = val_reward(model)
+    before_test = math_accuracy(method.policy_of(model), tokenizer, n_test) if n_test else {}
+    practised_before = float(greedy_reward(model, train_prompts)[1].mean()) if cfg.train_prompts else None
+    print(f"before: held-out reward {before_val['val_reward']:.3f}" +
+          (f", TinyMath test {before_test['accuracy']:.1%} (± {before_test['stderr']:.1%})" if n_test else ""))
+
+    # 3. the rollout buffer: sampled at the first step of each group of steps_per_rollout steps
+    state: dict[str, Any] = {"group": None, "buffer": None, "stats": {}}
+    metrics_path = run_dir / "metrics.jsonl"
+
+    def flush_stats(step: int) -> None:
+        """Log the stats gathered over step `step` (reward, KL, clipping, ...) as one metrics line."""
+        stats = state["stats"].pop(step, None)
+        if stats:
+            row = {"step": step, **{k: round(sum(v) / len(v), 5) for k, v in stats.items()}}
+            append_jsonl(metrics_path, row)
+
+    def new_buffer(group: int, device: str) -> Rollout:
+        train_model = state["model"]
+        actor = method.policy_of(train_model)
+        picks = [prompt_for(cfg.seed, group, i, cfg.prompts_per_rollout, len(train_prompts)) for i in range(cfg.prompts_per_rollout)]
+        chosen = train_prompts.subset(picks)
+        buffer = sample_responses(actor, tokenizer, chosen.ids, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
+                                  cfg.top_p if cfg.top_p < 1 else None, seed=cfg.seed * 1_000_003 + group)
+        answers = [a for a in chosen.answers for _ in range(cfg.group_size)]
+        rewards = scorer(buffer, answers)
+        policy.reference.to(device)
+        buffer.extra["rewards"] = rewards.to(device)
+        method.prepare(buffer, {"model": train_model, "reference": policy.reference, "cfg": cfg, "tokenizer": tokenizer,
+                                "answers": answers})
+        spread = group_std(rewards, cfg.group_size)
+        state["rollout_stats"] = {
+            "reward": float(rewards.mean()), "reward_group_std": float(spread.mean()),
+            "groups_all_equal": float((spread == 0).float().mean()),
+            "response_len": float(buffer.response_lengths.float().mean()),
+            "finished": sum(buffer.finished) / len(buffer)}
+        return buffer
+
+    def make_batch(step: int, rows: list[int], device: str) -> dict:
+        group, within = divmod(step, cfg.steps_per_rollout)
+        if state["group"] != group:
+            flush_stats(step - 1)
+            state["buffer"], state["group"] = new_buffer(group, device), group
+            state["stats"].setdefault(step, {})
+            for k, v in state["rollout_stats"].items():
+                state["stats"][step].setdefault(k, []).append(v)
+        elif rows[0] == 0:
+            flush_stats(step - 1)
+        epoch, mb = divmod(within, cfg.minibatches)
+        order = torch.randperm(len(state["buffer"]), generator=row_generator(cfg.seed, group, epoch))
+        picked = order[torch.tensor(rows) + mb * cfg.batch_size].to(device)
+        batch = minibatch(state["buffer"], picked)
+        batch["step"] = step
+        return batch
+
+    def loss(model, batch):
+        value, stats = method.loss(model, batch)
+        bucket = state["stats"].setdefault(batch["step"], {})
+        for k, v in stats.items():
+            bucket.setdefault(k, []).append(float(v))
+        return value
+
+    def evaluate(model):
+        return val_reward(model)
+
+    def sample(model):
+        return list(last_eval_texts)
+
+    extra = policy_state_for_saving(policy)
+    extra.update({"base_checkpoint": str(start), "method": method.name})
+    task = Task(make_batch=make_batch, loss=loss, evaluate=evaluate, sample=sample, checkpoint_extra=extra,
+                count_tokens=lambda b: int(b["response_mask"].sum()), best_metric="val_reward", higher_is_better=True)
+    state["model"] = model
+    result = train(model, cfg, run_dir, task)
+    flush_stats(cfg.steps - 1)
+
+    # 4. the best checkpoint (by held-out reward), graded on the test problems; curves; report
+    best = load_checkpoint(run_dir / "checkpoints" / "ckpt_best.pth")
+    model.load_state_dict(best["model"])
+    actor = method.policy_of(model)
+    if policy.lora:  # the adapter alone: a small file for --adapter_path (lessons 12 and 13)
+        path = save_adapter(actor, run_dir / "adapter.pth", policy.identity)
+        print(f"adapter: {path} (on --checkpoint_path {start}{' --quantize' if cfg.quantize else ''})")
+    # the policy alone as plain weights (no value head, adapters merged): what load_model, lesson 12
+    # and lesson 13 read; ckpt_best.pth / ckpt_last.pth keep the whole training state for --resume
+    plain = merge_lora(copy.deepcopy(actor)) if policy.lora else actor
+    save_checkpoint(run_dir / "checkpoints" / "policy_best.pth",
+                    {"model": plain.state_dict(), "step": best["step"], "val_reward": best.get("best_value"), **extra})
+    after_test = math_accuracy(actor, tokenizer, n_test, run_dir / "tinymath_samples.jsonl") if n_test else {}
+    practised_after = float(greedy_reward(model, train_prompts)[1].mean()) if cfg.train_prompts else None
+    plot_rl_history(metrics_path, run_dir / "rl.svg", method.name)
+    report = {
+        "stage": stage, "method": method.name, "reward": cfg.reward, "best_step": best["step"],
+        "val_reward_before": before_val["val_reward"], "val_reward_best": result.best_value,
+        "tinymath_before": before_test.get("accuracy"), "tinymath_after": after_test.get("accuracy"),
+        "tinymath_stderr_before": before_test.get("stderr"), "tinymath_stderr_after": after_test.get("stderr"),
+        "tinymath_n": after_test.get("n"), "practised_reward_before": practised_before,
+        "practised_reward_after": practised_after, "seconds": round(time.time() - t0, 1),
+    }
+    write_json(run_dir / "report.json", report)
+    print(f"\nheld-out reward ({len(val_prompts)} validation prompts, greedy): before {before_val['val_reward']:.3f} -> "
+          f"best {result.best_value:.3f} at step {best['step']}")
+    if cfg.train_prompts:
+        print(f"the {len(train_prompts)} practised training prompts (greedy): before {practised_before:.3f} -> "
+              f"after {practised_after:.3f} (step {best['step']})")
+    if n_test:
+        print(f"TinyMath test accuracy ({after_test['n']} problems, greedy): before {before_test['accuracy']:.1%} -> "
+              f"after {after_test['accuracy']:.1%} (± {after_test['stderr']:.1%})")
+    print(f"curves: {run_dir / 'rl.svg'}; took {report['seconds']:.0f} s")
+    return report
+
+
+def plot_rl_history(metrics_path: Path, out: Path, name: str) -> None:
+    """Reward, held-out reward, KL, clip fraction, entropy, length and value loss over the steps, as SVGs."""
+    rows = read_jsonl(metrics_path) if metrics_path.exists() else []
+
+    def series(key: str) -> list[tuple[float, float]]:
+        return [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+
+    write_svg(out, line_chart({"batch reward": series("reward"), "held-out reward (greedy)": series("val_reward")},
+                              title=f"{name}: reward", xlabel="step", ylabel="mean reward"))
+    others = {k: series(k) for k in ("kl", "clip_frac", "entropy", "value_loss", "reward_group_std") if series(k)}
+    write_svg(out.with_name(out.stem + "_stats.svg"), line_chart(others, title=f"{name}: KL, clipping, entropy",
+                                                                   xlabel="step", ylabel="per token"))
+    write_svg(out.with_name(out.stem + "_length.svg"), line_chart({"response length": series("response_len")},
+                                                                    title=f"{name}: response length", xlabel="step",
+                                                                    ylabel="tokens"))

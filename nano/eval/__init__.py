@@ -1,0 +1,6 @@
+"""
+How good is it: held-out loss, and GSM8K / TinyMath grading (lessons 4, 12).
+
+    val_loss.py  validation loss and bits per byte on held-out text
+    evaluate.py  GSM8K / TinyMath grading
+"""

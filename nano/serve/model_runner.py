@@ -1,0 +1,161 @@
+"""
+The model runner: one forward pass over the tokens of many sequences at once, through the paged KV cache.
+
+nano/serve/engine.py decides WHICH tokens run in a step (the scheduler); this module runs them. A step
+feeds some sequences a whole prompt (prefill) and every other running sequence one token (decode),
+all flattened into one batch of N tokens, each with its own position and its own cache slot. The
+forward pass is nano/model/decode_step.py's (the model's own weights and formulas, in fewer operations);
+what this module adds is `attend`: write each token's key and value into the pool at its slot,
+then attend per group, reading keys and values through the block tables (nano/serve/kv_cache.py's
+gather path on a CPU, nano/serve/paged_attention.py's Triton kernel for the decode group on a GPU).
+
+    runner = ModelRunner(model, cache)
+    logits = runner.forward([(blocks, tokens_to_feed, first_position), ...])   # (S, vocab)
+
+Tested through tests/test_14_engine.py (greedy outputs equal generate's, token for token).
+"""
+
+import importlib.util
+
+import torch
+
+from nano.model.decode_step import InferenceModel, decode_attention
+from nano.serve.kv_cache import (PagedKVCache, SequenceBlocks, block_table_tensor, gather_kv, long_tensor,
+                           paged_attention_reference)
+
+
+class ModelRunner:
+    """The model's forward pass over a flat batch of tokens from different sequences, through the paged cache.
+
+    nano/model/gemma.py's forward assumes a rectangle (B, T) where row b's tokens sit at positions
+    [pos, pos + T) for every row. Here each token has its own position and its own cache slot, so the
+    runner uses nano/model/decode_step.py's flat forward (the same weights and formulas) with
+
+        ids, positions, slots      (N,)   one entry per token fed this step
+        prefill group              sequences fed several tokens: their queries padded to the longest
+        decode group               sequences fed exactly one token (the last ones): one query each
+
+    and an `attend` that writes each token's K/V into the pool at its slot, then attends per group
+    through the block tables. Norms, projections and the MLP see all N tokens in one matmul each.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache):
+        self.cache, self.cfg = cache, model.cfg
+        self.fast = InferenceModel(model)  # built once: a server's weights do not change
+        self.device = next(model.parameters()).device
+        # on a GPU the decode group uses the Triton kernel (nano/serve/paged_attention.py); elsewhere the gather path
+        self.use_triton = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.aranges: dict[int, torch.Tensor] = {}
+
+    def forward(self, spans: list[tuple[SequenceBlocks, list[int], int]]) -> torch.Tensor:
+        """Run the model over the tokens of `spans` and return next-token logits (S, vocab), fp32.
+
+        spans: (blocks, tokens to feed, position of the first one) per sequence, decode spans (one
+        token) last. Each span's K/V go into its blocks; its logits are those of its last token.
+        """
+        cache, device = self.cache, self.device
+        as_long = dict(dtype=torch.long, device=device)
+        # 1. flatten: ids, positions and cache slots of every token; the decode group is the trailing
+        #    run of one-token spans (a one-token PROMPT earlier on is a prefill of length 1)
+        num_prefill = len(spans)
+        while num_prefill > 0 and len(spans[num_prefill - 1][1]) == 1:
+            num_prefill -= 1
+        ids, positions, slots, last_rows = [], [], [], []
+        for blocks, tokens, start in spans:
+            ids += tokens
+            positions += range(start, start + len(tokens))
+            slots += cache.slot_ids(blocks, start, start + len(tokens))
+            last_rows.append(len(ids) - 1)
+        ids_t, positions_t, slots_t = long_tensor(ids + positions + slots, device).view(3, -1)  # one tensor, three rows
+        first_decode = last_rows[num_prefill - 1] + 1 if num_prefill else 0  # row of the first decode token
+        prefill = self._prefill_group(spans[:num_prefill], last_rows, positions_t) if num_prefill else None
+        decode = self._decode_group(spans[num_prefill:], positions_t[first_decode:]) if num_prefill < len(spans) else None
+        heads, head_dim, softcap = self.cfg.n_heads, self.cfg.head_dim, self.cfg.attn_softcap
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            w = self.fast.layers[layer]
+            cache.write(layer, slots_t, k, v)  # (N, Hkv, D) each, into the pool at their slots
+            key_pool, value_pool = cache.keys[layer], cache.values[layer]
+            parts = []
+            if prefill is not None:  # gather each prompt's queries into a padded (S, Hq, Tq, D)
+                q_group = q[prefill["index"]].permute(0, 2, 1, 3)  # (S, Tq, Hq, D) -> (S, Hq, Tq, D)
+                o = paged_attention_reference(q_group, key_pool, value_pool, prefill["block_tables"],
+                                              prefill["query_positions"], prefill["key_lens"], w["scale"], softcap,
+                                              w["window"])
+                o = o.permute(0, 2, 1, 3).reshape(-1, heads * head_dim)  # (S * Tq, Hq*D), padding included
+                parts.append(o[prefill["keep"]])  # the real rows, in token order
+            if decode is not None:
+                q_decode = q[first_decode:]  # (S, Hq, D)
+                if self.use_triton:
+                    # imported here: triton is optional and only used on a GPU
+                    from nano.serve.paged_attention import paged_decode_attention
+
+                    o = paged_decode_attention(q_decode, key_pool, value_pool, decode["block_tables"],
+                                               decode["key_lens"], w["scale"], softcap, w["window"])
+                    parts.append(o.reshape(-1, heads * head_dim))
+                else:
+                    tables, hidden = decode["views"][w["window"]]
+                    keys = gather_kv(key_pool, tables)  # (S, Hkv, L, D)
+                    values = gather_kv(value_pool, tables)
+                    parts.append(decode_attention(q_decode, keys, values, w["scale"], softcap, hidden))
+            return parts[0] if len(parts) == 1 else torch.cat(parts)  # (N, Hq*D)
+
+        hidden = self.fast.forward(ids_t, positions_t, attend)  # (N, d)
+        # the LM head only for the last token of each sequence (the only logits we sample from)
+        if len(last_rows) < len(ids):  # (when every span is one token, every row is a last row)
+            hidden = hidden[torch.tensor(last_rows, **as_long)]
+        return self.fast.logits(hidden)  # (S, V)
+
+    def _prefill_group(self, spans, last_rows, positions_t) -> dict:
+        """Index tensors that pad the prompts' tokens into (S, Tq) and back."""
+        device = self.device
+        longest = max(len(tokens) for _, tokens, _ in spans)
+        index, keep = [], []
+        for row, (_, tokens, _) in enumerate(spans):
+            first = last_rows[row] - len(tokens) + 1
+            index.append([first + min(i, len(tokens) - 1) for i in range(longest)])  # padding repeats the last
+            keep += [row * longest + i for i in range(len(tokens))]
+        index_t = torch.tensor(index, dtype=torch.long, device=device)  # (S, Tq)
+        return {"index": index_t, "keep": torch.tensor(keep, dtype=torch.long, device=device),
+                "query_positions": positions_t[index_t],
+                "block_tables": block_table_tensor([b.block_table for b, _, _ in spans], device),
+                "key_lens": torch.tensor([s + len(t) for _, t, s in spans], dtype=torch.long, device=device)}
+
+    def _decode_group(self, spans, positions_t) -> dict:
+        """Block tables and masks of this step, made once and shared by every layer with the same window.
+
+        A window layer only needs the blocks its window touches (at most (window - 1) // block_size + 2
+        of them, whatever the sequence's length): its table keeps just those columns, so it gathers
+        less. Gathered key j of a sequence sits at position first_block * block_size + j; it is hidden
+        past the sequence's end (the unused tail of its last block) and before the window. The
+        bookkeeping is done in Python lists: a handful of tensors per step instead of dozens of ops.
+        """
+        device, block_size = self.device, self.cache.block_size
+        tables = [b.block_table for b, _, _ in spans]
+        positions = [start for _, _, start in spans]  # each sequence's one query position
+        max_blocks = max(len(t) for t in tables)
+        views = {}
+        for window in {w["window"] for w in self.fast.layers}:
+            width = (window - 1) // block_size + 2 if window > 0 else max_blocks
+            if width >= max_blocks:  # the window reaches as far back as the longest table: keep it all
+                first, width = [0] * len(spans), max_blocks
+            else:
+                first = [max(0, p - window + 1) // block_size for p in positions]
+            # exactly `width` blocks each (block 0 pads a short table; its keys are past the end: hidden)
+            window_tables = [t[f:f + width] + [0] * (width - len(t[f:f + width])) for t, f in zip(tables, first)]
+            # offset: the query's index among the gathered keys; visible keys are offset - window < j <= offset
+            offset = long_tensor([p - f * block_size for p, f in zip(positions, first)], device)[:, None]
+            j = self._arange(width * block_size)  # (L,)
+            hidden = j > offset  # (S, L): past the end
+            if window > 0:
+                hidden |= j <= offset - window  # before the window
+            views[window] = (block_table_tensor(window_tables, device), hidden)
+        if not self.use_triton:  # the gather path needs only the views
+            return {"views": views}
+        return {"block_tables": block_table_tensor(tables, device), "key_lens": positions_t + 1, "views": views}
+
+    def _arange(self, n: int) -> torch.Tensor:
+        """torch.arange(n) on the device, made once per length."""
+        if n not in self.aranges:
+            self.aranges[n] = torch.arange(n, device=self.device)
+        return self.aranges[n]
