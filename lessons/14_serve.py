@@ -35,7 +35,8 @@ from nano.common.config import parse_config, pick_device, print_config
 from nano.common.paths import runs_dir
 from nano.text.chat_format import render_prompt, stop_token_ids
 from nano.checkpoints.loading import BASE_CHECKPOINT, STAGES, default_chat_stage, load_for_inference, load_tokenizer
-from nano.serve.engine import Engine, SamplingParams
+from nano.serve.engine import Engine
+from nano.serve.sequence import SamplingParams
 from nano.serve.kv_cache import memory_table
 from nano.serve.server import ServedModel, ServerThread, create_app
 

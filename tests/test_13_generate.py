@@ -10,6 +10,10 @@ Implement
     feed one token per step, so that greedy output equals recomputing everything each step
     (`use_cache=False`); stop at a stop token (kept as the last id), at a repetition loop, or at the
     model's context length; call `on_token` for every new token,
+  - `stop_reason(tokens, length, max_length, max_new_tokens, stop_tokens, repetition_stop, should_stop,
+    reply_start)`: the one stop rule `generate`, `generate_batch` and the serving engine share, called
+    after each appended token: "stop_token", "max_new_tokens", "repetition", "should_stop" or
+    "max_length" (the first that holds, in this order), or None to go on,
   - `generate_batch(model, prompts, ...)`: left-pad the prompts, mask the padding, share one cache;
     greedy rows equal `generate` one prompt at a time,
   - `StreamDecoder`: text from token ids without ever printing half a character.
@@ -161,6 +165,27 @@ def test_repetition_stop(model):
     assert expected_len < 40, "this seeded toy model was expected to fall into a loop"
     assert generate_mod.generate(model, prompt, max_new_tokens=40, repetition_stop=6) == free[:expected_len]
     assert generate_mod.generate_batch(model, [prompt], max_new_tokens=40, repetition_stop=6) == [free[:expected_len]]
+
+
+def test_stop_reason_says_why_in_a_fixed_order():
+    rule = generate_mod.stop_reason
+    # one rule per reason; `length` is measured by the caller, the reply counted from reply_start
+    assert rule([3, 4, 9], length=5, max_length=48, max_new_tokens=10, stop_tokens={9}) == "stop_token"
+    assert rule([3, 4, 5], length=5, max_length=48, max_new_tokens=3) == "max_new_tokens"
+    assert rule([7, 7, 7, 7], length=5, max_length=48, max_new_tokens=10, repetition_stop=4) == "repetition"
+    assert rule([3, 4], length=5, max_length=48, max_new_tokens=10, should_stop=lambda r: r == [3, 4]) == "should_stop"
+    assert rule([3, 4], length=48, max_length=48, max_new_tokens=10) == "max_length"
+    assert rule([3, 4], length=47, max_length=48, max_new_tokens=10) is None
+    assert rule([3, 4], length=500, max_length=None, max_new_tokens=10) is None  # no limit
+    # the first that holds wins: a stop token at the last allowed token is still a stop token
+    assert rule([3, 9], length=48, max_length=48, max_new_tokens=2, stop_tokens={9}) == "stop_token"
+    assert rule([3, 4], length=48, max_length=48, max_new_tokens=2) == "max_new_tokens"
+    # prompt + reply in one list: only the reply counts towards max_new_tokens, loops and the predicate
+    seen = []
+    tokens = [7, 7, 7, 7, 1, 2]  # a prompt of four 7s, a reply [1, 2]
+    assert rule(tokens, 6, 48, max_new_tokens=3, repetition_stop=4, should_stop=seen.append, reply_start=4) is None
+    assert seen == [[1, 2]]
+    assert rule(tokens, 6, 48, max_new_tokens=2, reply_start=4) == "max_new_tokens"
 
 
 def test_context_length_is_respected(model):

@@ -22,6 +22,7 @@ serve = load_lesson("14_serve")
 server_mod = impl("server")
 engine_mod = impl("engine")
 from nano.text.chat_format import render_prompt, stop_token_ids  # noqa: E402
+from nano.serve.sequence import SamplingParams  # noqa: E402
 from nano.text.tokenizer import Tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.skipif(serve.find_chromium() is None,
@@ -36,7 +37,7 @@ def test_page_streams_a_reply_in_headless_chromium():
     try:
         served = server_mod.ServedModel(engine, tokenizer)
         expected = engine.generate([render_prompt([{"role": "user", "content": message}], tokenizer)],
-                                   engine_mod.SamplingParams(max_tokens=30, stop_token_ids=tuple(stop_token_ids(tokenizer))))
+                                   SamplingParams(max_tokens=30, stop_token_ids=tuple(stop_token_ids(tokenizer))))
         query = urllib.parse.urlencode({"demo": message, "temperature": 0, "max_tokens": 30})
         with server_mod.ServerThread(server_mod.create_app({"toy": served})) as server:
             dom = serve.run_chromium(f"{server.url}/?{query}", dump_dom=True, budget_ms=5000)

@@ -5,11 +5,12 @@ Implement `Engine(model, tokenizer, num_blocks, block_size, ...)` with
   - `submit(prompt_ids, SamplingParams)` -> request id (thread-safe), `stream(request_id)` -> events
     {"index", "text", "token_ids", "finish_reason"}, `cancel(request_id)`, `start()` / `shutdown()`
     for a background loop, and `generate(prompts, params)` that runs to completion in this thread;
-  - `step()`: admit waiting sequences whose blocks fit, give every running sequence one more slot
-    (preempting the NEWEST when the pool is dry: free its blocks, requeue it at the front, recompute
-    later), one model call over the new prompts and one token of every running sequence, then
-    per-request sampling, stop tokens, stop strings and token limits;
-  - n > 1: the choices fork off the prompt's blocks (shared, copy-on-write).
+  - `step()`: the scheduler's decisions (nano/serve/scheduler.py: admit waiting sequences whose blocks
+    fit, give every running sequence one more slot, preempting the NEWEST when the pool is dry), one
+    model call over the new prompts and one token of every running sequence, then per-request
+    sampling, stop tokens, stop strings and token limits (nano/model/generate.py: stop_reason);
+  - n > 1: the choices fork off the prompt's blocks (shared, copy-on-write);
+  - `running`, `waiting` (the scheduler's queues) and `preemptions`, read by these tests.
 
 The checks: greedy outputs of many requests at once equal `generate` one at a time; the same under
 a pool so small that sequences get preempted; cancelling frees every block; a thousand short
@@ -27,6 +28,7 @@ from toy_models import CORPUS, small_gemma
 engine_mod = impl("engine")
 generate_mod = impl("generate")
 
+from nano.serve.sequence import SamplingParams  # noqa: E402
 from nano.text.tokenizer import Tokenizer  # noqa: E402
 
 VOCAB = 64
@@ -55,7 +57,7 @@ def test_concurrent_greedy_equals_generate_alone(model):
     stops = (5, 9)  # some replies end at a stop token (kept as their last id, as generate does)
     alone = [generate_mod.generate(model, p, max_new_tokens=24, stop_tokens=stops) for p in prompts]
     engine = engine_mod.Engine(model, block_size=4, max_running=32)
-    outputs = engine.generate(prompts, engine_mod.SamplingParams(max_tokens=24, stop_token_ids=stops))
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=24, stop_token_ids=stops))
     assert [o["token_ids"] for o in outputs] == alone
     for o, a in zip(outputs, alone):
         assert o["finish_reason"] == ("stop" if a[-1] in stops else "length")
@@ -65,9 +67,22 @@ def test_concurrent_greedy_equals_generate_alone(model):
 def test_context_length_ends_a_reply_as_generate_does(model):
     prompt = random_prompts(1, seed=2, longest=60)[0] + [1] * 40  # close to the 64-token context
     engine = engine_mod.Engine(model, block_size=4)
-    out = engine.generate([prompt], engine_mod.SamplingParams(max_tokens=100))[0]
+    out = engine.generate([prompt], SamplingParams(max_tokens=100))[0]
     assert out["token_ids"] == generate_mod.generate(model, prompt, max_new_tokens=100)
     assert out["finish_reason"] == "length" and len(prompt) + len(out["token_ids"]) == 64
+
+
+def test_repetition_stop_ends_a_reply_as_generate_does(model):
+    prompts = random_prompts(8, seed=9)
+    alone = [generate_mod.generate(model, p, max_new_tokens=40, repetition_stop=6) for p in prompts]
+    assert any(len(a) < 40 for a in alone), "some replies were meant to loop"
+    engine = engine_mod.Engine(model, block_size=4)
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=40, repetition_stop=6))
+    assert [o["token_ids"] for o in outputs] == alone
+    for o, a in zip(outputs, alone):  # a loop ends the reply as the request asked: "stop"
+        assert o["finish_reason"] == ("stop" if len(a) < 40 else "length")
+    # off by default: the same prompts then run to max_tokens
+    assert all(len(o["token_ids"]) == 40 for o in engine.generate(prompts, SamplingParams(max_tokens=40)))
 
 
 def test_preemption_under_a_small_pool_gives_the_same_outputs(model):
@@ -75,7 +90,7 @@ def test_preemption_under_a_small_pool_gives_the_same_outputs(model):
     alone = [generate_mod.generate(model, p, max_new_tokens=30) for p in prompts]
     # 14 blocks of 4 = 56 slots: two or three sequences at a time, so the pool runs dry mid-reply
     engine = engine_mod.Engine(model, num_blocks=14, block_size=4, prefix_caching=False)
-    outputs = engine.generate(prompts, engine_mod.SamplingParams(max_tokens=30))
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=30))
     assert engine.preemptions > 0, "the pool was meant to be too small for all of them"
     assert [o["token_ids"] for o in outputs] == alone
     assert pool_is_pristine(engine)
@@ -83,7 +98,7 @@ def test_preemption_under_a_small_pool_gives_the_same_outputs(model):
 
 def test_cancellation_frees_every_block_at_once(model):
     engine = engine_mod.Engine(model, num_blocks=40, block_size=4)
-    ids = [engine.submit(p, engine_mod.SamplingParams(max_tokens=50)) for p in random_prompts(6, seed=4)]
+    ids = [engine.submit(p, SamplingParams(max_tokens=50)) for p in random_prompts(6, seed=4)]
     for _ in range(5):
         engine.step()
     assert engine.cache.allocator.num_used > 0
@@ -104,7 +119,7 @@ def test_cancellation_frees_every_block_at_once(model):
 def test_a_thousand_short_requests_leave_the_pool_as_it_started(model):
     engine = engine_mod.Engine(model, num_blocks=64, block_size=4, max_running=64, max_waiting=1000)
     prompts = [[i % VOCAB, (3 * i) % VOCAB, 1 + i % 7] for i in range(1000)]
-    outputs = engine.generate(prompts, engine_mod.SamplingParams(max_tokens=3))
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=3))
     assert all(len(o["token_ids"]) == 3 for o in outputs)
     assert pool_is_pristine(engine)
     assert not engine.requests  # every request was released
@@ -114,12 +129,12 @@ def test_n_choices_fork_and_match_separate_seeded_requests(model):
     prompt = random_prompts(1, seed=5, longest=15)[0] + [3, 4, 5]
     params = dict(max_tokens=12, temperature=1.0, seed=11)
     engine = engine_mod.Engine(model, block_size=4)
-    forked = engine.generate([prompt], engine_mod.SamplingParams(n=3, **params))[0]["choices"]
+    forked = engine.generate([prompt], SamplingParams(n=3, **params))[0]["choices"]
     assert len(forked) == 3
     # choice i is what a request of its own with seed + i writes (the fork copied the shared block
     # before writing into it, so no choice saw another's tokens)
     for i, choice in enumerate(forked):
-        alone = engine.generate([prompt], engine_mod.SamplingParams(**{**params, "seed": 11 + i}))[0]
+        alone = engine.generate([prompt], SamplingParams(**{**params, "seed": 11 + i}))[0]
         assert choice["token_ids"] == alone["token_ids"]
     assert len({tuple(c["token_ids"]) for c in forked}) > 1  # different seeds, different samples
     assert pool_is_pristine(engine)
@@ -128,9 +143,9 @@ def test_n_choices_fork_and_match_separate_seeded_requests(model):
 def test_sampling_is_per_request_and_seeded(model):
     prompt = [1, 2, 3, 4]
     engine = engine_mod.Engine(model, block_size=4)
-    p = engine_mod.SamplingParams(max_tokens=10, temperature=1.2, top_p=0.9, seed=3)
+    p = SamplingParams(max_tokens=10, temperature=1.2, top_p=0.9, seed=3)
     # the same seeded request twice in one batch, next to a greedy one: equal samples, greedy unchanged
-    a, b, greedy = engine.generate([prompt, prompt, prompt], [p, p, engine_mod.SamplingParams(max_tokens=10)])
+    a, b, greedy = engine.generate([prompt, prompt, prompt], [p, p, SamplingParams(max_tokens=10)])
     assert a["token_ids"] == b["token_ids"]
     assert greedy["token_ids"] == generate_mod.generate(model, prompt, max_new_tokens=10)
 
@@ -141,14 +156,14 @@ def test_stop_strings_and_streamed_text():
     engine = engine_mod.Engine(model, tokenizer, block_size=4).start()
     try:
         prompt = tokenizer.encode("Once upon a time")
-        request_id = engine.submit(prompt, engine_mod.SamplingParams(max_tokens=40))
+        request_id = engine.submit(prompt, SamplingParams(max_tokens=40))
         events = list(engine.stream(request_id, timeout=30))
         full = "".join(e["text"] for e in events)
         assert full == engine.requests[request_id].sequences[0].text
         assert sum(len(e["token_ids"]) for e in events) == 40 and events[-1]["finish_reason"] == "length"
         # a stop string taken from the middle of that text ends the reply just before it
         stop = full[len(full) // 2: len(full) // 2 + 3]
-        request_id = engine.submit(prompt, engine_mod.SamplingParams(max_tokens=40, stop=(stop,)))
+        request_id = engine.submit(prompt, SamplingParams(max_tokens=40, stop=(stop,)))
         events = list(engine.stream(request_id, timeout=30))
         text = "".join(e["text"] for e in events)
         assert events[-1]["finish_reason"] == "stop" and stop not in text and full.startswith(text)
@@ -164,7 +179,7 @@ def test_submit_from_many_threads(model):
     results = [None] * len(prompts)
 
     def client(i):
-        request_id = engine.submit(prompts[i], engine_mod.SamplingParams(max_tokens=16))
+        request_id = engine.submit(prompts[i], SamplingParams(max_tokens=16))
         results[i] = [t for e in engine.stream(request_id, timeout=30) for t in e["token_ids"]]
         engine.release(request_id)
 
@@ -183,13 +198,13 @@ def test_submit_from_many_threads(model):
 def test_bad_requests_are_refused_before_the_queue(model):
     engine = engine_mod.Engine(model, block_size=4, max_waiting=2)
     with pytest.raises(ValueError, match="empty"):
-        engine.submit([], engine_mod.SamplingParams())
+        engine.submit([], SamplingParams())
     with pytest.raises(ValueError, match="context"):
-        engine.submit([1] * 64, engine_mod.SamplingParams())
-    engine.submit([1], engine_mod.SamplingParams())
-    engine.submit([1], engine_mod.SamplingParams())
+        engine.submit([1] * 64, SamplingParams())
+    engine.submit([1], SamplingParams())
+    engine.submit([1], SamplingParams())
     with pytest.raises(engine_mod.QueueFull):
-        engine.submit([1], engine_mod.SamplingParams())
+        engine.submit([1], SamplingParams())
 
 
 def test_nf4_model_serves_the_same_tokens_as_generate(model):
@@ -203,7 +218,7 @@ def test_nf4_model_serves_the_same_tokens_as_generate(model):
     prompts = random_prompts(6, seed=7)
     alone = [generate_mod.generate(quantized, p, max_new_tokens=20) for p in prompts]
     engine = engine_mod.Engine(quantized, block_size=4)
-    assert [o["token_ids"] for o in engine.generate(prompts, engine_mod.SamplingParams(max_tokens=20))] == alone
+    assert [o["token_ids"] for o in engine.generate(prompts, SamplingParams(max_tokens=20))] == alone
 
 
 def test_fast_decode_step_is_bit_for_bit_the_plain_forward(model):

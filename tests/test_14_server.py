@@ -32,6 +32,7 @@ from toy_models import CORPUS, small_gemma
 server_mod = impl("server")
 engine_mod = impl("engine")
 from nano.text.chat_format import render_prompt, stop_token_ids  # noqa: E402
+from nano.serve.sequence import SamplingParams  # noqa: E402
 from nano.text.tokenizer import Tokenizer  # noqa: E402
 
 CONTEXT = 512
@@ -97,7 +98,7 @@ def test_chat_completion_schema_and_greedy_equals_the_engine(client, served, tok
     usage = body["usage"]
     assert usage["prompt_tokens"] == len(prompt) and usage["total_tokens"] == len(prompt) + usage["completion_tokens"]
     # the same request straight through the engine: the same text
-    expected = served.engine.generate([prompt], engine_mod.SamplingParams(
+    expected = served.engine.generate([prompt], SamplingParams(
         max_tokens=20, stop_token_ids=tuple(stop_token_ids(tokenizer))))[0]
     assert choice["message"]["content"] == expected["text"]
     assert usage["completion_tokens"] == len(expected["token_ids"])
@@ -249,7 +250,7 @@ def post(url_port: int, body: dict) -> http.client.HTTPResponse:
 
 def test_real_server_concurrent_streams_match_the_engine(served, tokenizer):
     messages = [[{"role": "user", "content": f"Story number {i} about a cat."}] for i in range(6)]
-    expected = served.engine.generate([render_prompt(m, tokenizer) for m in messages], engine_mod.SamplingParams(
+    expected = served.engine.generate([render_prompt(m, tokenizer) for m in messages], SamplingParams(
         max_tokens=30, stop_token_ids=tuple(stop_token_ids(tokenizer))))
     results = [None] * len(messages)
 

@@ -20,7 +20,7 @@ Tests: `make check-13` (or `.venv/bin/python -m pytest -q tests/test_13_generate
 """
 
 import functools
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Container, Iterable, Sequence
 
 import torch
 
@@ -146,6 +146,55 @@ def is_looping(tokens: Sequence[int], window: int) -> bool:
     return False
 
 
+def stop_reason(
+    tokens: Sequence[int],
+    length: int,
+    max_length: int | None,
+    max_new_tokens: int,
+    stop_tokens: Container[int] = (),
+    repetition_stop: int = 0,
+    should_stop: Callable[[Sequence[int]], bool] | None = None,
+    reply_start: int = 0,
+) -> str | None:
+    """The one rule that says when a reply stops: called after each new token is appended, it returns
+    why the sequence stops now, or None if it goes on.
+
+    tokens: the sequence, ending with the token just appended; tokens[reply_start:] is the reply
+    (reply_start 0: `tokens` is the reply alone). The rules, in this order, the first that holds wins:
+
+        "stop_token"      the new token is in `stop_tokens` (it stays the reply's last id, so the
+                          caller can see why it stopped)
+        "max_new_tokens"  the reply has `max_new_tokens` tokens
+        "repetition"      the reply's last `repetition_stop` tokens loop (`is_looping`; 0 = off)
+        "should_stop"     the caller's predicate, given the reply, says so
+        "max_length"      length >= max_length: the sequence fills the context (None = no limit).
+                          We stop there rather than slide the window: the model never saw longer sequences
+
+    `length` is the sequence's length as the caller measures it, because the callers measure
+    different things: `generate` the conversation in its cache, `generate_batch` the padded batch
+    (the same for every row, so every row stops at once), the engine (nano/serve/engine.py) its own
+    token list. A server maps the reason to OpenAI's finish_reason ("stop" or "length").
+
+    >>> stop_reason([4, 2], length=9, max_length=64, max_new_tokens=10, stop_tokens={2})
+    'stop_token'
+    >>> stop_reason([4, 5], length=64, max_length=64, max_new_tokens=10), stop_reason([4, 5], 9, 64, 10)
+    ('max_length', None)
+    """
+    num_new = len(tokens) - reply_start
+    if tokens[-1] in stop_tokens:
+        return "stop_token"
+    if num_new >= max_new_tokens:
+        return "max_new_tokens"
+    # only the reply's own tokens may loop: the window must fit inside it (is_looping: "shorter than the window")
+    if repetition_stop > 0 and num_new >= repetition_stop and is_looping(tokens[-repetition_stop:], repetition_stop):
+        return "repetition"
+    if should_stop is not None and should_stop(tokens if reply_start == 0 else tokens[reply_start:]):
+        return "should_stop"
+    if max_length is not None and length >= max_length:
+        return "max_length"
+    return None
+
+
 def context_len_of(model: torch.nn.Module) -> int | None:
     """The longest sequence the model was trained on (model.cfg.context_len), or None if unknown."""
     return getattr(getattr(model, "cfg", None), "context_len", None)
@@ -198,11 +247,11 @@ def generate(
 ) -> list[int]:
     """Continue `prompt_ids` with up to `max_new_tokens` new tokens; return the new ones.
 
-    Stops early, after appending it, at a token in `stop_tokens` (so the caller can see why it
-    stopped: the last id is the stop token); when the last `repetition_stop` tokens loop (see
-    `is_looping`; 0 = off); or when the sequence fills the model's context (cfg.context_len): we stop
-    there rather than slide the window, because the model never saw longer sequences. A prompt
-    longer than context_len - 1 keeps only its last context_len - 1 tokens.
+    Stops early (`stop_reason`, after appending it) at a token in `stop_tokens` (so the caller can see
+    why it stopped: the last id is the stop token); when the last `repetition_stop` tokens loop (see
+    `is_looping`; 0 = off); or when the sequence fills the model's context (cfg.context_len) or the
+    given cache: we stop there rather than slide the window, because the model never saw longer
+    sequences. A prompt longer than context_len - 1 keeps only its last context_len - 1 tokens.
 
     use_cache=True: one prefill pass over the prompt fills the KV cache, then each step feeds the
     one new token. use_cache=False recomputes the whole sequence every step (the slow baseline;
@@ -224,13 +273,9 @@ def generate(
     def pick(logits: torch.Tensor) -> int:
         return int(sample_next(logits, temperature, top_k, top_p, generator)[0])
 
-    def finished(token: int, length: int) -> bool:
-        """After appending `token`: is this sequence done? `length` = the sequence so far, `token` included."""
-        if token in stop_set or len(new_tokens) >= max_new_tokens:
-            return True
-        if is_looping(new_tokens, repetition_stop):
-            return True
-        return context_len is not None and length >= context_len
+    def finished(length: int, max_length: int | None) -> bool:
+        """After appending a token: is this sequence done? `length` = the sequence so far, that token included."""
+        return stop_reason(new_tokens, length, max_length, max_new_tokens, stop_set, repetition_stop) is not None
 
     if kv_cache is not None and not use_cache:
         raise ValueError("kv_cache was given with use_cache=False: pass one or the other")
@@ -247,7 +292,7 @@ def generate(
             sequence.append(token)
             if on_token is not None:
                 on_token(token)
-            if finished(token, len(sequence)):
+            if finished(len(sequence), context_len):
                 return new_tokens
 
     # 1. prefill: the whole prompt in one pass; its K/V land in the cache
@@ -262,14 +307,17 @@ def generate(
             "(start a new conversation)"
         )
     logits, _ = model(torch.tensor([prompt_ids], device=device), kv_cache=kv_cache)  # (1, T, V)
+    # the cache has room for kv_cache.max_len tokens, so it holds a sequence of max_len + 1: the last
+    # token is chosen but never fed. The sequence may grow to that, or to the context, whichever is less.
+    room = kv_cache.max_len + 1
+    max_length = room if context_len is None else min(context_len, room)
     # 2. decode: pick a token from the last logits, feed only that token, repeat
     while True:
         token = pick(logits[:, -1])
         new_tokens.append(token)
         if on_token is not None:
             on_token(token)
-        # the cache has room for kv_cache.max_len tokens; the next step would feed one more
-        if finished(token, kv_cache.pos + 1) or kv_cache.pos + 1 > kv_cache.max_len:
+        if finished(kv_cache.pos + 1, max_length):  # kv_cache.pos + 1: the whole conversation, this token included
             return new_tokens
         logits = next_logits(model, torch.tensor([[token]], device=device), kv_cache)  # (1, 1, V)
 
@@ -320,10 +368,10 @@ def generate_batch(
     which the cache remembers for the decode steps. RoPE makes attention depend only on relative
     positions, so a row shifted right by its padding computes what it would alone: greedy outputs
     equal those of `generate` one prompt at a time. (Sampled outputs differ: the rows share one
-    random stream.) Each row stops on its own — at a stop token (kept as its last id), at
-    max_new_tokens, in a loop (`repetition_stop`), or when `should_stop(row_new_ids)` says so — and
+    random stream.) Each row stops on its own (`stop_reason`) — at a stop token (kept as its last id),
+    at max_new_tokens, in a loop (`repetition_stop`), or when `should_stop(row_new_ids)` says so — and
     finished rows are fed padding until the whole batch is done. The context limit is the same as
-    `generate`'s, measured on the longest prompt.
+    `generate`'s, measured on the longest prompt (the padded length), so it ends every row at once.
     """
     device = next(model.parameters()).device
     context_len = context_len_of(model)
@@ -350,15 +398,12 @@ def generate_batch(
             if done[row]:
                 continue
             outputs[row].append(token)
-            if (
-                token in stop_set
-                or len(outputs[row]) >= max_new_tokens
-                or is_looping(outputs[row], repetition_stop)
-                or (should_stop is not None and should_stop(outputs[row]))
-            ):
+            # the same context rule as `generate`, measured on the padded sequence (kv_cache.pos + 1,
+            # equal for every row): the rows still going all reach it at once
+            if stop_reason(outputs[row], kv_cache.pos + 1, context_len, max_new_tokens, stop_set, repetition_stop,
+                           should_stop) is not None:
                 done[row] = True
-        # the same context rule as `generate`: the (padded) sequence never exceeds context_len tokens
-        if all(done) or (context_len is not None and kv_cache.pos + 1 >= context_len):
+        if all(done):
             return outputs
         # finished rows are fed <pad>: their results are ignored, and rows never see each other
         feed = torch.tensor([[pad_id] if done[row] else [outputs[row][-1]] for row in range(batch)], device=device)

@@ -3,7 +3,9 @@ Serving many users at once: a paged KV cache, continuous batching, an HTTP API (
 
     kv_cache.py         the paged KV cache: a block pool, block tables, prefix caching, fork
     paged_attention.py  attention that reads K/V through a block table (gather path, Triton decode kernel)
+    sequence.py         what a request asks for (SamplingParams) and the sequences that carry it
+    scheduler.py        the waiting and running queues: admit, reserve decode slots, preempt, fork
     model_runner.py     one batched model call over many sequences' paged caches
-    engine.py           continuous batching: admit, decode, preempt, cancel, stream
+    engine.py           continuous batching: the loop (schedule, run the model, sample, stream, cancel)
     server.py           an OpenAI-compatible HTTP API and the chat page (Flask; static/chat.html)
 """

@@ -8,11 +8,12 @@ padding and new requests wait for the whole batch. A server instead keeps two qu
     waiting   requests that arrived, not yet in the cache
     running   sequences with their K/V in the paged cache (nano/serve/kv_cache.py), one token per step
 
-and every step (`Engine.step`):
+and every step (`Engine.step`), the scheduler (nano/serve/scheduler.py) first
     1. admits waiting sequences, oldest first, while their blocks fit (and a prefill budget allows),
     2. gives every running sequence room for one more token; when the pool runs dry it PREEMPTS the
        newest sequence (frees its blocks, puts it back at the FRONT of the waiting queue, and later
        recomputes its K/V from its tokens: recomputing is cheaper than copying caches around),
+then this module's loop
     3. runs ONE model call over all of it: the new prompts' tokens and one token of each running
        sequence, flattened into a single row of N tokens. Every matmul (the projections, the MLP)
        sees all N tokens at once, which is where batching pays; only attention is per sequence, and it
@@ -20,7 +21,10 @@ and every step (`Engine.step`):
        a prefill call and a decode call: at our sizes the cost of a step is mostly per-operation
        overhead, so fewer, bigger operations win,
     4. samples one token per sequence with its own parameters and random generator, checks its stop
-       tokens, stop strings and limits, streams the new text, and frees the blocks of the finished.
+       tokens, stop strings and limits (the stop rule `generate` uses: nano/model/generate.py:
+       stop_reason), streams the new text, and frees the blocks of the finished.
+
+What a request and its sequences carry is in nano/serve/sequence.py.
 
 A finished sequence leaves at once and a new one takes its place in the next step: the batch stays
 full. Greedy outputs are the same tokens as `nano/model/generate.py: generate` one request at a time
@@ -43,96 +47,30 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
-from nano.model.generate import StreamDecoder, sample_next
-from nano.serve.kv_cache import OutOfBlocks, PagedKVCache, SequenceBlocks
+from nano.model.gemma import kv_cache_bytes_per_token
+from nano.model.generate import StreamDecoder, sample_next, stop_reason
+from nano.serve.kv_cache import PagedKVCache
 from nano.serve.model_runner import ModelRunner
+from nano.serve.scheduler import Scheduler
+from nano.serve.sequence import Request, SamplingParams, SequenceState
 
 
 class QueueFull(RuntimeError):
     """Too many requests are waiting: the server answers 429 (try again later)."""
 
 
-# --------------------------------------------------------------------------------------------------
-# 1. What a request asks for, and the sequences that carry it
-
-
-@dataclass
-class SamplingParams:
-    """Per-request generation settings (the OpenAI names where there is one)."""
-
-    max_tokens: int = 128  # new tokens at most; the context length also ends a reply ("length")
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # 1 = off
-    top_k: int = 0  # 0 = off (not part of the OpenAI API; the chat CLI's knob)
-    stop: tuple[str, ...] = ()  # stop strings: the reply ends before the first one (not returned)
-    stop_token_ids: tuple[int, ...] = ()  # ids that end the reply (kept as the last id, as in generate)
-    seed: int | None = None  # sampled replies repeat with the same seed (choice i uses seed + i)
-    n: int = 1  # independent replies to the same prompt (they share the prompt's blocks: a fork)
-
-
-@dataclass(eq=False)  # footgun: the default __eq__ compares every field; `seq in queue` must mean "this one"
-class Sequence_:
-    """One reply being written: its tokens, its blocks, and where its text has got to."""
-
-    seq_id: int
-    request: "Request"
-    index: int  # which of the request's n choices
-    tokens: list[int]  # the prompt, then every token sampled so far (one list: no copies per step)
-    generator: torch.Generator | None
-    decoder: StreamDecoder | None
-    prompt_len: int = 0
-    blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
-    num_computed: int = 0  # leading tokens whose K/V are in the cache
-    text: str = ""  # decoded reply so far (stop strings cut it)
-    num_sent: int = 0  # characters of `text` already streamed
-    finish_reason: str | None = None  # "stop", "length", "cancelled"
-    forks_pending: int = 0  # choices 1..n-1 still to be forked off this one after its prefill
-    preemptions: int = 0
-
-    def __post_init__(self) -> None:
-        self.prompt_len = len(self.tokens)
-
-    @property
-    def output_ids(self) -> list[int]:
-        """The reply's tokens so far (a copy)."""
-        return self.tokens[self.prompt_len:]
-
-    @property
-    def num_output(self) -> int:
-        return len(self.tokens) - self.prompt_len
-
-
-@dataclass(eq=False)
-class Request:
-    """What `submit` made: the n sequences of one prompt, and the queue their events go to."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    arrival: float
-    # SimpleQueue: thread-safe like queue.Queue, several times cheaper per put (one per token)
-    events: "queue.SimpleQueue[dict]" = field(default_factory=queue.SimpleQueue)
-    sequences: list[Sequence_] = field(default_factory=list)
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    num_finished: int = 0
-
-    @property
-    def longest_stop(self) -> int:
-        return max((len(s) for s in self.params.stop), default=0)
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(s.num_output for s in self.sequences)
+# Why a reply stopped (nano/model/generate.py: stop_reason) -> OpenAI's finish_reason. "stop": the reply
+# ended as the request asked (a stop token; a loop, with repetition_stop); "length": a limit cut it.
+FINISH_REASON = {"stop_token": "stop", "repetition": "stop", "should_stop": "stop",
+                 "max_new_tokens": "length", "max_length": "length"}
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. The engine: queues, scheduling, sampling, streaming
+# The engine: the loop around the scheduler, the model runner, sampling and streaming
 
 
 def default_num_blocks(cfg, block_size: int, max_running: int, budget_bytes: int, bytes_per_token: int) -> int:
@@ -157,15 +95,14 @@ class Engine:
         self.model, self.tokenizer, self.cfg, self.model_name = model, tokenizer, model.cfg, model_name
         device = next(model.parameters()).device
         dtype = model.embed_tokens.weight.dtype
-        bytes_per_token = 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * dtype.itemsize
+        bytes_per_token = kv_cache_bytes_per_token(self.cfg, dtype)
         if num_blocks is None:
             num_blocks = default_num_blocks(self.cfg, block_size, max_running, kv_budget_bytes, bytes_per_token)
         self.cache = PagedKVCache(self.cfg, num_blocks, block_size, device=device, dtype=dtype,
                                   prefix_caching=prefix_caching)
         self.runner = ModelRunner(model, self.cache)
-        self.max_running, self.max_waiting, self.max_prefill_tokens = max_running, max_waiting, max_prefill_tokens
-        self.waiting: collections.deque[Sequence_] = collections.deque()
-        self.running: list[Sequence_] = []  # oldest first: the newest is preempted first
+        self.scheduler = Scheduler(self.cache, max_running, max_prefill_tokens)
+        self.max_waiting = max_waiting
         self.requests: dict[str, Request] = {}
         self.lock = threading.RLock()
         self.work = threading.Condition(self.lock)  # notified when work arrives (the loop sleeps without)
@@ -173,10 +110,23 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         # statistics for /stats and the benchmark
-        self.steps = self.preemptions = self.total_generated = 0
+        self.steps = self.total_generated = 0
         self.recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) of recent steps
         self.peak_blocks_used = 0
         self.peak_tokens_cached = 0
+
+    # the scheduler's queues and counts, read where the engine's were (the tests, /stats, the benchmark)
+    @property
+    def waiting(self) -> collections.deque[SequenceState]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[SequenceState]:
+        return self.scheduler.running
+
+    @property
+    def preemptions(self) -> int:
+        return self.scheduler.preemptions
 
     # ---- submitting, streaming, cancelling (any thread) -------------------------------------------
 
@@ -214,10 +164,11 @@ class Engine:
                     generator = torch.Generator(device=self.runner.device)
                     generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "little"))
                 decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
-                request.sequences.append(Sequence_(next(self._ids), request, index, list(prompt_ids), generator, decoder))
+                request.sequences.append(SequenceState(next(self._ids), request, index, list(prompt_ids), generator,
+                                                       decoder))
             # choice 0 is prefilled; the others fork off it (sharing its blocks) once that is done
             request.sequences[0].forks_pending = params.n - 1
-            self.waiting.append(request.sequences[0])
+            self.scheduler.add(request.sequences[0])
             self.requests[request_id] = request
             self.work.notify_all()
         return request_id
@@ -287,7 +238,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.lock:
-                while not (self.waiting or self.running or self._stopping):
+                while not (self.scheduler.has_work() or self._stopping):
                     self.work.wait()
                 if self._stopping:
                     return
@@ -316,10 +267,9 @@ class Engine:
 
     @torch.inference_mode()  # torch.no_grad, minus the bookkeeping gradients would need: ~15% faster per step
     def step(self) -> int:
-        """Admit, make room (preempting if needed), run the model once, sample; returns tokens made."""
+        """Schedule (admit, make room, preempting if needed), run the model once, sample; returns tokens made."""
         with self.lock:
-            prefill = self._admit()
-            decode = self._reserve_decode_slots(prefill)
+            prefill, decode = self.scheduler.schedule()
             if not prefill and not decode:
                 return 0
             # the newly admitted feed every token not yet cached; the running feed their last token
@@ -327,64 +277,11 @@ class Engine:
             spans += [(s.blocks, s.tokens[-1:], len(s.tokens) - 1) for s in decode]
             logits = self.runner.forward(spans)  # (S, V)
             made = self._sample_and_update(prefill + decode, logits)
-            self.running = [s for s in self.running if s.finish_reason is None]
-            self.running += [s for s in prefill if s.finish_reason is None and s not in self.running]
+            self.scheduler.join_running(prefill)
             self._record(made)
             return made
 
-    def _admit(self) -> list[Sequence_]:
-        """Move waiting sequences into the cache, oldest first, while they fit."""
-        admitted, budget = [], self.max_prefill_tokens
-        while self.waiting and len(self.running) + len(admitted) < self.max_running:
-            seq = self.waiting[0]
-            tokens = seq.tokens
-            if admitted and len(tokens) > budget:
-                break  # the prefill budget of this step is spent (one sequence always goes)
-            # keep one free block per running sequence for its next token, so admitting does not
-            # immediately force a preemption
-            if not self.cache.can_allocate(tokens, reserve=len(self.running) + len(admitted)):
-                if self.running or admitted:
-                    break
-                if not self.cache.can_allocate(tokens):
-                    break  # cannot happen: check_prompt made sure one sequence fits an empty pool
-            self.waiting.popleft()
-            seq.num_computed = self.cache.allocate(seq.blocks, tokens)
-            budget -= len(tokens) - seq.num_computed
-            admitted.append(seq)
-        return admitted
-
-    def _reserve_decode_slots(self, prefill: list[Sequence_]) -> list[Sequence_]:
-        """One more slot for every running sequence; preempt the newest while the pool is dry."""
-        decode = []
-        for seq in list(self.running):
-            if seq.finish_reason is not None or seq not in self.running:
-                continue  # preempted by an older sequence's need earlier in this loop
-            while True:
-                try:
-                    self.cache.append_slot(seq.blocks)
-                    decode.append(seq)
-                    break
-                except OutOfBlocks:
-                    # the newest first: just-admitted prompts, then the running from the end
-                    victim = prefill.pop() if prefill else self.running[-1]
-                    if victim in decode:
-                        decode.remove(victim)
-                    self._preempt(victim)
-                    if victim is seq:
-                        break
-        return decode
-
-    def _preempt(self, seq: Sequence_) -> None:
-        """Free all of seq's blocks and put it first in line; its K/V are recomputed when it returns."""
-        self.cache.free(seq.blocks)
-        seq.num_computed = 0
-        seq.preemptions += 1
-        self.preemptions += 1
-        if seq in self.running:
-            self.running.remove(seq)
-        self.waiting.appendleft(seq)
-
-    def _sample_and_update(self, seqs: list[Sequence_], logits: torch.Tensor) -> int:
+    def _sample_and_update(self, seqs: list[SequenceState], logits: torch.Tensor) -> int:
         made = 0
         # one call for every greedy row; max(...).indices is argmax (the first of equal maxima), faster on a CPU
         greedy = logits.max(dim=-1).indices.tolist()
@@ -393,7 +290,7 @@ class Engine:
             seq.num_computed = len(seq.tokens)
             self.cache.commit(seq.blocks, seq.tokens)  # full blocks join the prefix cache
             # n > 1: the other choices share this prompt's blocks (copy-on-write) and logits
-            children = self._fork(seq) if seq.forks_pending else []
+            children = self.scheduler.fork(seq) if seq.forks_pending else []
             for s in [seq] + children:
                 p = s.request.params
                 if p.temperature > 0:
@@ -405,25 +302,18 @@ class Engine:
                 made += 1
         return made
 
-    def _fork(self, parent: Sequence_) -> list[Sequence_]:
-        children = []
-        for seq in parent.request.sequences[1:1 + parent.forks_pending]:
-            seq.blocks = self.cache.fork(parent.blocks)
-            seq.num_computed = parent.num_computed
-            children.append(seq)
-        parent.forks_pending = 0
-        self.running += children
-        return children
-
-    def _append(self, seq: Sequence_, token: int, now: float) -> None:
+    def _append(self, seq: SequenceState, token: int, now: float) -> None:
         """Add a sampled token: stream its text, and finish the sequence if it is done."""
         request, p = seq.request, seq.request.params
         if request.first_token_time is None:
             request.first_token_time = now
         seq.tokens.append(token)
         self.total_generated += 1
+        # generate's stop rule, measured on this sequence's own tokens (prompt + reply)
+        why = stop_reason(seq.tokens, len(seq.tokens), self.cfg.context_len, p.max_tokens, p.stop_token_ids,
+                          p.repetition_stop, reply_start=seq.prompt_len)
         reason, stop_string_hit = None, False
-        if token in p.stop_token_ids:
+        if why == "stop_token":
             reason = "stop"  # kept as the last id (as generate does), never turned into text
         elif seq.decoder is not None:
             new_text = seq.decoder.feed(token)  # "" while a character is still half-received
@@ -433,8 +323,8 @@ class Engine:
             hits = [i for i in (seq.text.find(stop, search_from) for stop in p.stop) if i >= 0]
             if hits:
                 seq.text, reason, stop_string_hit = seq.text[:min(hits)], "stop", True
-        if reason is None and (seq.num_output >= p.max_tokens or len(seq.tokens) >= self.cfg.context_len):
-            reason = "length"
+        if reason is None and why is not None:  # a stop string, if any, came first
+            reason = FINISH_REASON[why]
         if reason is not None:
             self._finish(seq, reason, flush=not stop_string_hit)
         else:
@@ -442,22 +332,18 @@ class Engine:
             holdback = max(request.longest_stop - 1, 0)
             self._emit(seq, len(seq.text) - holdback, [token])
 
-    def _emit(self, seq: Sequence_, upto: int, token_ids: list[int], finish_reason: str | None = None) -> None:
+    def _emit(self, seq: SequenceState, upto: int, token_ids: list[int], finish_reason: str | None = None) -> None:
         text = seq.text[seq.num_sent:max(seq.num_sent, upto)]
         seq.num_sent += len(text)
         seq.request.events.put({"index": seq.index, "text": text, "token_ids": token_ids,
                                 "finish_reason": finish_reason})
 
-    def _finish(self, seq: Sequence_, reason: str, flush: bool = True) -> None:
+    def _finish(self, seq: SequenceState, reason: str, flush: bool = True) -> None:
         """End a sequence: last text out, blocks back to the pool, out of every queue."""
         if seq.decoder is not None and flush and reason != "cancelled":
             seq.text += seq.decoder.flush()  # bytes of a character cut off by the end
         seq.finish_reason = reason
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        if seq in self.running:
-            self.running.remove(seq)
-        self.cache.free(seq.blocks)
+        self.scheduler.remove(seq)  # out of the queues, blocks back to the pool
         request = seq.request
         if seq.forks_pending:  # cancelled before its prefill: the choices never forked finish too
             for child in request.sequences[1:1 + seq.forks_pending]:

@@ -39,12 +39,13 @@ import array
 import itertools
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import torch
 
 from nano.model.attention import soft_cap
+from nano.model.gemma import kv_cache_bytes_per_token
 
 # The hash of "no block before this one": the chain of block hashes starts from it.
 ROOT_HASH = 0
@@ -68,7 +69,7 @@ def block_hash(parent_hash: int, tokens: Sequence[int]) -> int:
 
 
 class OutOfBlocks(RuntimeError):
-    """No free block left: the engine preempts a sequence (or waits) when it sees this."""
+    """No free block left: the scheduler preempts a sequence (or waits) when it sees this."""
 
 
 class BlockAllocator:
@@ -216,8 +217,8 @@ class PagedKVCache:
     # ---- memory arithmetic ------------------------------------------------------------------------
 
     def bytes_per_token(self) -> int:
-        """2 (K and V) * layers * kv_heads * head_dim * bytes per number."""
-        return 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * self.keys[0].element_size()
+        """2 (K and V) * layers * kv_heads * head_dim * bytes per number (nano/model/gemma.py's arithmetic)."""
+        return kv_cache_bytes_per_token(self.cfg, self.keys[0].dtype)
 
     def nbytes(self) -> int:
         return self.bytes_per_token() * self.num_blocks * self.block_size
@@ -272,7 +273,7 @@ class PagedKVCache:
 
         Copy-on-write: if the block the token lands in is shared (after a fork), this sequence first
         gets its own copy of it, so writing never changes what another sequence reads.
-        Raises OutOfBlocks when no block is left (the engine then preempts someone).
+        Raises OutOfBlocks when no block is left (the scheduler then preempts someone).
         """
         position = seq.num_tokens
         if position == len(seq.block_table) * self.block_size:
@@ -432,10 +433,9 @@ def memory_table(cfg, block_size: int = 16, budget_bytes: int = 64 * 2**20, dtyp
     MQA (n_kv_heads = 1) stores one K and one V head per layer; the same model with one KV head per
     query head stores n_heads of each: n_heads times the bytes per token, n_heads times fewer tokens.
     """
-    bytes_per_number = torch.empty((), dtype=dtype).element_size()
     rows = {}
     for name, kv_heads in (("this model", cfg.n_kv_heads), ("one KV head per query head", cfg.n_heads)):
-        per_token = 2 * cfg.n_layers * kv_heads * cfg.head_dim * bytes_per_number
+        per_token = kv_cache_bytes_per_token(replace(cfg, n_kv_heads=kv_heads), dtype)  # this model, kv_heads KV heads
         per_block = per_token * block_size
         blocks = budget_bytes // per_block
         rows[name] = {"kv_heads": kv_heads, "bytes_per_token": per_token, "bytes_per_block": per_block,

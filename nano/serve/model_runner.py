@@ -1,7 +1,7 @@
 """
 The model runner: one forward pass over the tokens of many sequences at once, through the paged KV cache.
 
-nano/serve/engine.py decides WHICH tokens run in a step (the scheduler); this module runs them. A step
+nano/serve/scheduler.py decides WHICH sequences run in a step; this module runs their tokens. A step
 feeds some sequences a whole prompt (prefill) and every other running sequence one token (decode),
 all flattened into one batch of N tokens, each with its own position and its own cache slot. The
 forward pass is nano/model/decode_step.py's (the model's own weights and formulas, in fewer operations);

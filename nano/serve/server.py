@@ -41,7 +41,8 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from nano.text.chat_format import encode_text, render_prompt, special_id, stop_token_ids
-from nano.serve.engine import Engine, QueueFull, SamplingParams
+from nano.serve.engine import Engine, QueueFull
+from nano.serve.sequence import SamplingParams
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits our contexts; more is a 413
