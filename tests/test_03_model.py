@@ -117,6 +117,21 @@ def test_final_softcap_bounds_the_logits():
     torch.testing.assert_close(logits, 30 * torch.tanh(uncapped / 30), atol=1e-4, rtol=1e-4)
 
 
+def test_a_training_step_after_inference_mode_has_a_backward(monkeypatch):
+    """Generation runs under torch.inference_mode, and lessons 9-11 generate before they train: a
+    constant the model caches must not be an inference tensor, or the training step's backward fails."""
+    attention = impl("attention")
+    if hasattr(attention, "_SCALARS"):
+        monkeypatch.setattr(attention, "_SCALARS", {})  # as in a fresh process: nothing cached yet
+    model = make_model().train()
+    idx = random_ids(2, 12)
+    with torch.inference_mode():
+        model(idx)  # the first use of every constant happens here
+    logits, _ = model(idx)  # soft-capped logits with gradients, as RL's log-probs compute them
+    logits.logsumexp(-1).mean().backward()
+    assert model.embed_tokens.weight.grad.abs().sum() > 0
+
+
 def test_layers_alternate_window_and_global():
     model = make_model(n_layers=4)
     assert [layer.self_attn.window for layer in model.layers] == [4, 0, 4, 0]

@@ -35,10 +35,15 @@ _SCALARS: dict[float, torch.Tensor] = {}
 def scalar(value: float) -> torch.Tensor:
     """`value` as a 0-dim fp32 tensor, made once. footgun: `x * 0.5` with a Python float converts the
     float to a tensor on every call (3 hidden operations); multiplying by this tensor gives the same
-    numbers without them. Dozens of such constants per token add up at this size."""
+    numbers without them. Dozens of such constants per token add up at this size.
+
+    Made outside inference mode even when first asked for inside it (generation runs under
+    torch.inference_mode): an inference tensor could not be saved for a later training step's backward.
+    """
     tensor = _SCALARS.get(value)
     if tensor is None:
-        tensor = _SCALARS[value] = torch.tensor(value, dtype=torch.float32)
+        with torch.inference_mode(False):
+            tensor = _SCALARS[value] = torch.tensor(value, dtype=torch.float32)
     return tensor
 
 
