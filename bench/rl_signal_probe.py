@@ -32,10 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 from nano.common.fileio import read_jsonl  # noqa: E402
 from nano.common.paths import raw_dir, runs_dir  # noqa: E402
-from nano.text.chat_format import render_prompt, render_response  # noqa: E402
+from nano.text.chat_format import pad_token_id, render_prompt, render_response  # noqa: E402
 from nano.align.grpo import step_credit_tensor  # noqa: E402
 from nano.align.online_rl import greedy_answers, load_prompt_sets  # noqa: E402
-from nano.align.rollout import SFT_CHECKPOINT, load_policy, math_rewards, pack_responses, response_logprobs, sample_responses  # noqa: E402
+from nano.align.logprobs import response_logprobs  # noqa: E402
+from nano.align.policy import SFT_CHECKPOINT, load_policy  # noqa: E402
+from nano.align.rollout import math_rewards, pack_responses, sample_responses  # noqa: E402
 
 
 def token_weights(source: str, policy, train_prompts, gold: list[dict], args, rng: random.Random, step: int):
@@ -47,8 +49,7 @@ def token_weights(source: str, policy, train_prompts, gold: list[dict], args, rn
     if source == "gold":
         rows = rng.sample(gold, args.prompts * args.group)  # as many answers as the sampled sources use
         prompts = [render_prompt([{"role": "user", "content": r["question"]}], tokenizer) for r in rows]
-        pad = tokenizer.special_tokens["<pad>"]
-        ids, mask = pack_responses(prompts, [render_response(r["answer"], tokenizer) for r in rows], pad)
+        ids, mask = pack_responses(prompts, [render_response(r["answer"], tokenizer) for r in rows], pad_token_id(tokenizer))
         return ids, mask, mask[:, 1:].float()
     batch = train_prompts.subset(rng.sample(range(len(train_prompts)), args.prompts))
     rollout = sample_responses(policy.model, tokenizer, batch.ids, args.group, args.max_new_tokens,

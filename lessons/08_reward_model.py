@@ -23,12 +23,12 @@ from nano.common.fileio import write_json
 from nano.common.paths import runs_dir
 from nano.common.plot import line_chart, write_svg
 from nano.text.bins import PreferenceDataset
+from nano.text.chat_format import pad_token_id
 from nano.checkpoints.checkpoint import load_checkpoint, load_tokenizer
-from nano.eval.evaluate import accuracy_with_stderr
-from nano.train.sft import conversation_index
-from nano.train.trainer import Task, TrainConfig, train
+from nano.eval.grading import accuracy_with_stderr
+from nano.train.trainer import EXAMPLE_ORDER, Task, TrainConfig, shuffled_index, train
 from nano.align.reward_model import RewardModel, bradley_terry_loss, pair_batch, reward_model_extra
-from nano.align.rollout import SFT_CHECKPOINT, begin_run
+from nano.align.policy import SFT_CHECKPOINT, begin_run
 
 
 @dataclass
@@ -55,7 +55,7 @@ def main() -> None:
     # 1. the backbone (lesson 5's model) with a fresh scalar head, and the pairs it learns from
     rm, ckpt = RewardModel.from_checkpoint(start)
     tokenizer = load_tokenizer(ckpt.get("tokenizer_fingerprint"))
-    pad_id = tokenizer.special_tokens.get("<pad>", 0)
+    pad_id = pad_token_id(tokenizer)
     max_len = cfg.max_len or rm.cfg.context_len
     train_set, val_set = PreferenceDataset("train", tokenizer), PreferenceDataset("val", tokenizer)
 
@@ -73,7 +73,7 @@ def main() -> None:
 
     # 2. batches, loss and held-out evaluation for the shared loop
     def make_batch(step, rows, device):
-        picks = [train_set[train_ids[conversation_index(cfg.seed, step, r, cfg.batch_size, len(train_ids))]] for r in rows]
+        picks = [train_set[train_ids[shuffled_index(cfg.seed, step * cfg.batch_size + r, len(train_ids), EXAMPLE_ORDER)]] for r in rows]
         return pair_batch(picks, max_len, pad_id, device)
 
     def loss(model, batch):

@@ -29,13 +29,14 @@ from nano.common.fileio import save_checkpoint
 from nano.common.fileio import read_jsonl, write_json, write_jsonl
 from nano.common.paths import raw_dir, require, runs_dir
 from nano.text.bins import PreferenceDataset, prompt_and_reply
+from nano.text.chat_format import pad_token_id
 from nano.model.lora import merge_lora, save_adapter
 from nano.checkpoints.checkpoint import load_checkpoint
-from nano.train.sft import conversation_index, math_accuracy
-from nano.train.trainer import Task, train
+from nano.train.sft import math_accuracy
+from nano.train.trainer import EXAMPLE_ORDER, Task, shuffled_index, train
 from nano.align.dpo import LOSS_TYPES, chosen_nll, dpo_loss, pair_logprobs, preference_batch
 from nano.align.flaws import FLAWS, measure_flaws, own_pairs, prompt_info_of
-from nano.align.rollout import PolicyConfig, begin_run, load_policy, policy_state_for_saving
+from nano.align.policy import PolicyConfig, begin_run, load_policy, policy_state_for_saving
 
 
 @dataclass
@@ -75,7 +76,7 @@ def main() -> None:
     # 1. the policy and its frozen reference (the same model, or the same base + adapter), the pairs
     policy = load_policy(start, cfg.adapter_path or None, cfg.quantize, cfg.lora_r)
     model, reference, tokenizer = policy.model, policy.reference, policy.tokenizer
-    pad_id = tokenizer.special_tokens.get("<pad>", 0)
+    pad_id = pad_token_id(tokenizer)
     max_len = cfg.max_len or model.cfg.context_len
     train_set, val_set = PreferenceDataset("train", tokenizer), PreferenceDataset("val", tokenizer)
     train_ids, val_ids = train_set.fitting(max_len), val_set.fitting(max_len)
@@ -103,7 +104,7 @@ def main() -> None:
         return value, metrics
 
     def pair_index(step: int, row: int) -> int:
-        return train_ids[conversation_index(cfg.seed, step, row, cfg.batch_size, len(train_ids))]
+        return train_ids[shuffled_index(cfg.seed, step * cfg.batch_size + row, len(train_ids), EXAMPLE_ORDER)]
 
     # on-policy pairs (--pairs own): before training, the starting model answers every prompt the run
     # will read; where it wrote a clean answer, that is the chosen side, where it wrote a flawed one,

@@ -25,6 +25,7 @@ text/  Text into token ids: the tokenizer, the chat format, token bins (lessons 
     tokenizer.py    byte-level BPE: training, encoding, decoding
     chat_format.py  Gemma chat turns -> token ids + the mask of tokens to train on
     bins.py         token bins on disk and the batches read from them
+    padding.py      rows of different lengths as one tensor: right-padded (training), left-padded (generation)
 
 model/  The network and what runs it: Gemma-2 Nano, attention, NF4, LoRA, generation (lessons 3, 6, 7, 13).
     gemma.py            Gemma-2 Nano (multi-query attention, soft-caps, sandwich norms)
@@ -43,7 +44,8 @@ checkpoints/  The model on disk: checkpoints, a ready model for inference, the H
 
 eval/  How good is it: held-out loss, and GSM8K / TinyMath grading (lessons 4, 12).
     val_loss.py  validation loss and bits per byte on held-out text
-    evaluate.py  GSM8K / TinyMath grading
+    grading.py   reading the final number out of an answer, right or wrong, accuracy ± stderr
+    evaluate.py  GSM8K / TinyMath evaluation: tasks, prompts, batched generation, graded samples
 
 train/  The training loop every lesson shares, and supervised fine-tuning (lessons 4-7).
     trainer.py  the one training loop every lesson shares
@@ -53,7 +55,9 @@ align/  Alignment: the reward model, DPO, GRPO and PPO (lessons 8-11).
     reward_model.py  a scalar head on the SFT model, trained with the Bradley-Terry loss
     dpo.py           direct preference optimization (sigmoid, cDPO, IPO) and its logged metrics
     flaws.py         programs that find the four flaws of the preference pairs in a model's answers
-    rollout.py       sampling responses, their log-probs, KL estimators, rewards: what RL methods share
+    policy.py        where a run starts: the policy to train (full, LoRA, QLoRA) and its frozen reference
+    logprobs.py      log-probs of response tokens, masked means, KL estimators, the clipped surrogate
+    rollout.py       batches of sampled responses and their rewards
     online_rl.py     online RL on the shared training loop (prompts, rollout buffers, held-out reward)
     grpo.py          group-relative policy optimization
     ppo.py           PPO with a value head and GAE

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LESSON_MODULES = {
     0: ["tinymath"], 1: ["tokenizer"], 2: ["chat_format", "bins"], 3: ["attention", "gemma"],
     4: ["trainer", "val_loss"], 5: ["sft"], 6: ["lora"], 7: ["nf4"], 8: ["reward_model"], 9: ["dpo", "flaws"],
-    10: ["rollout", "grpo"], 11: ["ppo"], 12: ["evaluate"], 13: ["generate"], 14: ["kv_cache", "scheduler", "engine"],
+    10: ["logprobs", "rollout", "grpo"], 11: ["ppo"], 12: ["grading", "evaluate"], 13: ["generate"],
+    14: ["kv_cache", "scheduler", "engine"],
 }
 
 

@@ -1,5 +1,5 @@
 """
-Exercise: DPO (nano/align/dpo.py), the response log-probs it is built on (nano/align/rollout.py) and the flaw
+Exercise: DPO (nano/align/dpo.py), the response log-probs it is built on (nano/align/logprobs.py) and the flaw
 checkers that judge what the model writes afterwards (nano/align/flaws.py, lesson 9).
 
 1. token_logprobs / sequence_logprob: a response's log-probability counts its own tokens only —
@@ -21,7 +21,8 @@ from conftest import run_lesson
 from toy_models import small_gemma
 
 dpo = impl("dpo")
-rollout = impl("rollout")
+logprobs = impl("logprobs")
+policy = impl("policy")
 flaws = impl("flaws")
 
 
@@ -38,8 +39,8 @@ def test_logprobs_equal_a_token_by_token_computation():
     ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1]])  # the response is 7 8 9
     with torch.no_grad():
-        lp = rollout.token_logprobs(model, ids)
-        total = rollout.sequence_logprob(lp, mask)
+        lp = logprobs.token_logprobs(model, ids)
+        total = logprobs.sequence_logprob(lp, mask)
         by_hand = 0.0
         for t in (3, 4, 5):  # p(ids[t] | ids[:t]), one forward pass per token
             logits = model(ids[:, :t])[0][0, -1]
@@ -53,8 +54,8 @@ def test_response_logprobs_equal_the_full_computation_where_it_counts():
     ids = torch.tensor([[1, 5, 6, 7, 8, 0], [1, 9, 10, 11, 12, 13]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1]])
     with torch.no_grad():
-        full = rollout.token_logprobs(model, ids) * mask[:, 1:]
-        fast, entropy = rollout.response_logprobs(model, ids, mask, with_entropy=True)
+        full = logprobs.token_logprobs(model, ids) * mask[:, 1:]
+        fast, entropy = logprobs.response_logprobs(model, ids, mask, with_entropy=True)
     assert torch.allclose(fast, full, atol=1e-5)
     assert (entropy[mask[:, 1:] == 0] == 0).all() and (entropy[mask[:, 1:] == 1] > 0).all()
 
@@ -64,21 +65,21 @@ def test_logprobs_ignore_prompt_and_padding():
     a = torch.tensor([[1, 5, 6, 7, 8, 0, 0]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0]])
     with torch.no_grad():
-        base = rollout.sequence_logprob(rollout.token_logprobs(model, a), mask)
+        base = logprobs.sequence_logprob(logprobs.token_logprobs(model, a), mask)
         padded = a.clone()
         padded[0, 5:] = torch.tensor([30, 31])  # other padding: nothing before it can see it
-        assert torch.allclose(rollout.sequence_logprob(rollout.token_logprobs(model, padded), mask), base)
+        assert torch.allclose(logprobs.sequence_logprob(logprobs.token_logprobs(model, padded), mask), base)
         shorter_prompt = torch.tensor([[1, 5, 6, 7, 8, 0, 0]])
         # the first prompt token is context, never a target: only the response's targets count
-        only_response = rollout.token_logprobs(model, shorter_prompt) * mask[:, 1:]
+        only_response = logprobs.token_logprobs(model, shorter_prompt) * mask[:, 1:]
         assert (only_response[:, :1] == 0).all() and (only_response[:, 4:] == 0).all()
         other_response = a.clone()
         other_response[0, 3] = 20
-        assert not torch.allclose(rollout.sequence_logprob(rollout.token_logprobs(model, other_response), mask), base)
+        assert not torch.allclose(logprobs.sequence_logprob(logprobs.token_logprobs(model, other_response), mask), base)
 
 
 def test_kl_estimator_check_vector():
-    kl = rollout.kl_estimates(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.2, -1.5, -0.5]))
+    kl = logprobs.kl_estimates(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.2, -1.5, -0.5]))
     assert torch.allclose(kl["k1"], torch.tensor([0.2, -0.5, 0.0]), atol=1e-6)
     assert torch.allclose(kl["k2"], torch.tensor([0.02, 0.125, 0.0]), atol=1e-6)
     assert torch.allclose(kl["k3"], torch.tensor([0.018731, 0.148721, 0.0]), atol=1e-6)
@@ -114,7 +115,7 @@ def test_cdpo_and_ipo():
 
 def test_policy_equal_to_reference_costs_log2_and_dpo_steps_prefer_chosen():
     model = small_model()
-    reference = rollout.frozen_copy(model)
+    reference = policy.frozen_copy(model)
     items = [{"chosen_ids": [1, 5, 6, 7, 8], "chosen_mask": [0, 0, 0, 1, 1],
               "rejected_ids": [1, 5, 6, 9, 10, 11], "rejected_mask": [0, 0, 0, 1, 1, 1], "flaw": "x"},
              {"chosen_ids": [1, 12, 7, 8], "chosen_mask": [0, 0, 1, 1],

@@ -1,5 +1,6 @@
 """
-Exercise: GRPO (nano/align/grpo.py, lesson 10) and the online-RL pieces it shares with PPO (nano/align/rollout.py).
+Exercise: GRPO (nano/align/grpo.py, lesson 10) and the online-RL pieces it shares with PPO: the log-prob maths
+(nano/align/logprobs.py) and the rollouts (nano/align/rollout.py).
 
 1. Group advantages: (r - group mean) / (group std + eps), std with Bessel's correction.
 2. One GRPO step on a toy problem where one answer is rewarded makes that answer more likely; a group
@@ -20,7 +21,9 @@ from adapters import impl
 from conftest import run_lesson
 
 grpo = impl("grpo")
+logprobs = impl("logprobs")
 rollout = impl("rollout")
+policy = impl("policy")
 online_rl = impl("online_rl")
 model_lib = impl("gemma")
 
@@ -57,8 +60,8 @@ def prob_of(model, token: int) -> float:
 
 def one_step(method, model, buffer, group_size, lr=0.05, train_model=None):
     train_model = train_model or model
-    ctx = {"model": train_model, "reference": rollout.frozen_copy(model), "tokenizer": None,
-           "cfg": SimpleNamespace(group_size=group_size, steps_per_rollout=1)}
+    ctx = online_rl.BufferContext(model=train_model, reference=policy.frozen_copy(model), tokenizer=None,
+                                  cfg=SimpleNamespace(group_size=group_size, steps_per_rollout=1))
     method.prepare(buffer, ctx)
     batch = online_rl.minibatch(buffer, torch.arange(len(buffer)))
     loss, stats = method.loss(train_model, batch)
@@ -88,7 +91,7 @@ def test_a_group_with_equal_rewards_gives_no_gradient():
 
 def test_clipped_surrogate_stops_at_the_clip():
     logp = torch.tensor([0.5, 0.5], requires_grad=True)  # ratio e^0.5 = 1.65, far beyond 1.2
-    loss, clipped = grpo.clipped_surrogate(logp, torch.zeros(2), torch.tensor([1.0, -1.0]), clip_eps=0.2)
+    loss, clipped = logprobs.clipped_surrogate(logp, torch.zeros(2), torch.tensor([1.0, -1.0]), clip_eps=0.2)
     loss.sum().backward()
     assert clipped.tolist() == [True, False]
     assert logp.grad[0] == 0  # A > 0 and already above 1 + eps: no further push
@@ -167,7 +170,7 @@ def test_resume_continues_exactly_where_the_run_stopped(pipeline_dirs):
                  val_prompts=4, eval_problems=0, eval_every=2, warmup_steps=1, samples=0, lr=1e-2)
 
     def imitate(model, batch):
-        logp, _ = rollout.response_logprobs(model, batch["ids"], batch["response_mask"])
+        logp, _ = logprobs.response_logprobs(model, batch["ids"], batch["response_mask"])
         return -logp.sum() / batch["response_mask"].sum(), {}
 
     method = online_rl.OnlineMethod("grpo", prepare=lambda buffer, ctx: None, loss=imitate)

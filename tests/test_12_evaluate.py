@@ -1,15 +1,18 @@
 """
-Exercise (lesson 12): write `nano/eval/evaluate.py`, the grader of math word problems.
+Exercise (lesson 12): write `nano/eval/grading.py`, the grader of math word problems, and
+`nano/eval/evaluate.py`, which asks a model the problems and grades its answers.
 
-Implement
+Implement, in grading.py
   - `extract_answer(text)`: the number after "####", else the last final-answer phrase ("The answer
     is 18", "A: 18", "answer: $1,234.50", "**18**"), else the last number; None when there is none.
     Normalize it: no commas, currency or percent signs, no trailing ".0"; keep a minus sign
     (but not the one in "5-3"),
   - `is_correct(completion, reference)`: compare numerically against a GSM8K answer field or a number,
+  - `mistake_kind(completion, reference)`: why a wrong answer is wrong,
+  - `accuracy_with_stderr(correct)`: p and sqrt(p(1-p)/n),
+and in evaluate.py
   - `build_fewshot_prompt(question, examples, k)`: "Question: ...\\nAnswer: ...\\n\\n" k times, then
     the question and an open "Answer:",
-  - `accuracy_with_stderr(correct)`: p and sqrt(p(1-p)/n),
   - `load_task(name, ...)`: gsm8k / tinymath jsonl, with errors that say what to run,
   - `evaluate_model(...)`: prompts -> batched greedy generation -> graded jsonl and accuracy.
 """
@@ -23,6 +26,7 @@ import torch
 from adapters import impl
 
 evaluate = impl("evaluate")
+grading = impl("grading")
 
 
 # ---- extraction ---------------------------------------------------------------------------------
@@ -62,12 +66,12 @@ evaluate = impl("evaluate")
     ],
 )
 def test_extract_answer(text, expected):
-    assert evaluate.extract_answer(text) == expected
+    assert grading.extract_answer(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "I do not know.", "#### ", "The answer is unknown", "****"])
 def test_extract_answer_missing(text):
-    assert evaluate.extract_answer(text) is None
+    assert grading.extract_answer(text) is None
 
 
 @pytest.mark.parametrize(
@@ -76,7 +80,7 @@ def test_extract_answer_missing(text):
      ("12%", "12"), ("0.250", "0.25"), ("-$5", "-5"), ("7.", "7"), ("abc", None)],
 )
 def test_normalize_number(written, normalized):
-    assert evaluate.normalize_number(written) == normalized
+    assert grading.normalize_number(written) == normalized
 
 
 # ---- grading ------------------------------------------------------------------------------------
@@ -102,15 +106,15 @@ GSM8K_FIELD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+
     ],
 )
 def test_is_correct(completion, reference, verdict):
-    assert evaluate.is_correct(completion, reference) is verdict
+    assert grading.is_correct(completion, reference) is verdict
 
 
 def test_reference_answer_and_bad_reference():
-    assert evaluate.reference_answer(GSM8K_FIELD) == "72"
-    assert evaluate.reference_answer("  $1,000 ") == "1000"
-    assert evaluate.reference_answer(18.0) == "18"
+    assert grading.reference_answer(GSM8K_FIELD) == "72"
+    assert grading.reference_answer("  $1,000 ") == "1000"
+    assert grading.reference_answer(18.0) == "18"
     with pytest.raises(ValueError, match="no number"):
-        evaluate.reference_answer("no number here")
+        grading.reference_answer("no number here")
 
 
 # ---- few-shot prompts ----------------------------------------------------------------------------
@@ -153,16 +157,16 @@ def test_fewshot_continuation_is_cut():
 def test_mistake_kind(completion, reference, kind):
     """Wrong answers sorted by their worked steps: a false step is a slip; all steps true means the
     model computed the wrong thing. This is what lesson 12 prints under each stage."""
-    assert evaluate.mistake_kind(completion, reference) == kind
+    assert grading.mistake_kind(completion, reference) == kind
 
 
 def test_accuracy_with_stderr():
-    acc, err = evaluate.accuracy_with_stderr([True, False, True, True])
+    acc, err = grading.accuracy_with_stderr([True, False, True, True])
     assert acc == 0.75 and err == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
-    acc, err = evaluate.accuracy_with_stderr([True] * 3 + [False] * 7)
+    acc, err = grading.accuracy_with_stderr([True] * 3 + [False] * 7)
     assert acc == pytest.approx(0.3) and err == pytest.approx(math.sqrt(0.3 * 0.7 / 10))
-    assert evaluate.accuracy_with_stderr([True] * 5) == (1.0, 0.0)  # no spread when all agree
-    acc, err = evaluate.accuracy_with_stderr([])
+    assert grading.accuracy_with_stderr([True] * 5) == (1.0, 0.0)  # no spread when all agree
+    acc, err = grading.accuracy_with_stderr([])
     assert math.isnan(acc) and math.isnan(err)  # nothing graded: undefined, not 0%
 
 
@@ -234,20 +238,20 @@ def test_evaluate_model_chat_writes_graded_samples(nano_dirs, tok_and_model):
     tokenizer, model = tok_and_model
     generate = impl("generate")
     chat = impl("chat_format")
-    problems = [evaluate.Problem(r["id"], r["question"], r["answer"], evaluate.reference_answer(r["answer"])) for r in math_rows(5)]
+    problems = [evaluate.Problem(r["id"], r["question"], r["answer"], grading.reference_answer(r["answer"])) for r in math_rows(5)]
     out = nano_dirs / "samples.jsonl"
     result = evaluate.evaluate_model(model, tokenizer, problems, mode="chat", batch_size=2, max_new_tokens=6, out_jsonl=out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert result["rows"] == rows  # returned, and written for reading afterwards
     assert [r["id"] for r in rows] == [p.id for p in problems]  # batching by length must not reorder
     assert result["n"] == 5 and result["correct"] == sum(r["correct"] for r in rows)
-    assert (result["accuracy"], result["stderr"]) == pytest.approx(evaluate.accuracy_with_stderr([r["correct"] for r in rows]))
+    assert (result["accuracy"], result["stderr"]) == pytest.approx(grading.accuracy_with_stderr([r["correct"] for r in rows]))
     stops = chat.stop_token_ids(tokenizer)
     for problem, row in zip(problems, rows):
         assert row["reference"] == problem.reference
-        assert row["extracted"] == evaluate.extract_answer(row["output"])
-        assert row["correct"] == evaluate.is_correct(row["output"], problem.reference)
-        assert row["mistake"] == evaluate.mistake_kind(row["output"], problem.reference)
+        assert row["extracted"] == grading.extract_answer(row["output"])
+        assert row["correct"] == grading.is_correct(row["output"], problem.reference)
+        assert row["mistake"] == grading.mistake_kind(row["output"], problem.reference)
         # the output is what greedy generation gives for this prompt alone
         prompt = chat.render_prompt([{"role": "user", "content": problem.question}], tokenizer)
         alone = generate.generate(model, prompt, max_new_tokens=6, stop_tokens=stops, repetition_stop=evaluate.REPETITION_WINDOW)

@@ -23,7 +23,7 @@ from adapters import impl
 from conftest import load_lesson
 from toy_models import BASE, CORPUS, LORA, SFT, save_lora, save_model, toy_model
 
-evaluate = impl("evaluate")
+grading = impl("grading")
 
 from nano.common.paths import bins_dir, raw_dir, runs_dir, tokenizer_dir  # noqa: E402
 from nano.text.tokenizer import Tokenizer  # noqa: E402
@@ -93,8 +93,8 @@ def test_discovery_evaluates_the_stages_that_exist(data, tokenizer, capsys):
         rows = read_rows(eval_dir / "samples" / f"{name}_tinymath.jsonl")
         assert result["n"] == len(rows) == 3
         assert result["correct"] == sum(r["correct"] for r in rows)
-        assert (result["accuracy"], result["stderr"]) == pytest.approx(evaluate.accuracy_with_stderr([r["correct"] for r in rows]))
-        assert all(r["correct"] == evaluate.is_correct(r["output"], r["reference"]) for r in rows)
+        assert (result["accuracy"], result["stderr"]) == pytest.approx(grading.accuracy_with_stderr([r["correct"] for r in rows]))
+        assert all(r["correct"] == grading.is_correct(r["output"], r["reference"]) for r in rows)
     base_prompts = [r["prompt"] for r in read_rows(eval_dir / "samples" / "base_tinymath.jsonl")]
     assert all("<start_of_turn>" not in p and p.endswith("Answer:") for p in base_prompts)  # plain few-shot text
     lora_prompts = [r["prompt"] for r in read_rows(eval_dir / "samples" / "lora_tinymath.jsonl")]

@@ -4,7 +4,9 @@ Alignment: the reward model, DPO, GRPO and PPO (lessons 8-11).
     reward_model.py  a scalar head on the SFT model, trained with the Bradley-Terry loss
     dpo.py           direct preference optimization (sigmoid, cDPO, IPO) and its logged metrics
     flaws.py         programs that find the four flaws of the preference pairs in a model's answers
-    rollout.py       sampling responses, their log-probs, KL estimators, rewards: what RL methods share
+    policy.py        where a run starts: the policy to train (full, LoRA, QLoRA) and its frozen reference
+    logprobs.py      log-probs of response tokens, masked means, KL estimators, the clipped surrogate
+    rollout.py       batches of sampled responses and their rewards
     online_rl.py     online RL on the shared training loop (prompts, rollout buffers, held-out reward)
     grpo.py          group-relative policy optimization
     ppo.py           PPO with a value head and GAE

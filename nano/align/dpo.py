@@ -13,7 +13,7 @@ directly on the pairs:
     D    = (log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r))     c = chosen, r = rejected
     loss = -log sigmoid(beta * D)
 
-Log-probs are sums over the RESPONSE tokens only (nano/align/rollout.py). At the start pi = pi_ref, so
+Log-probs are sums over the RESPONSE tokens only (nano/align/logprobs.py). At the start pi = pi_ref, so
 D = 0 and the loss is log 2. Two variants, each one line:
   * cDPO (label smoothing eps, Mitchell 2023): the label is wrong with probability eps,
         loss = -(1 - eps) log sigmoid(beta D) - eps log sigmoid(-beta D)
@@ -34,8 +34,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from nano.align.reward_model import pad_right
-from nano.align.rollout import response_logprobs
+from nano.text.padding import right_pad
+from nano.align.logprobs import response_logprobs
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -96,10 +96,8 @@ def preference_batch(items: Sequence[dict], max_len: int, pad_id: int = 0, devic
     """
     seqs = [it["chosen_ids"][:max_len] for it in items] + [it["rejected_ids"][:max_len] for it in items]
     masks = [it["chosen_mask"][:max_len] for it in items] + [it["rejected_mask"][:max_len] for it in items]
-    ids, lengths = pad_right(seqs, pad_id, device)
-    response_mask = torch.zeros_like(ids)
-    for row, m in enumerate(masks):
-        response_mask[row, : len(m)] = torch.as_tensor(m)
+    ids, _ = right_pad(seqs, pad_id, device)  # (2B, T)
+    response_mask, _ = right_pad(masks, 0, device)  # (2B, T): each mask is as long as its ids
     return {"ids": ids, "response_mask": response_mask, "pairs": len(items), "flaws": [it["flaw"] for it in items]}
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from nano.data.synthetic import FLAWS  # the four flaws lesson 0 writes into the rejected answers
 from nano.text.chat_format import render_prompt
-from nano.eval.evaluate import accuracy_with_stderr, is_correct
+from nano.eval.grading import accuracy_with_stderr, is_correct
 from nano.align.rollout import sample_responses
 
 # a sentence ends at . ! ? (maybe followed by a closing quote), before whitespace and a new sentence
@@ -51,7 +51,7 @@ def sentences(text: str) -> list[str]:
 
 
 def has_wrong_number(text: str, answer: str) -> bool:
-    """The answer's final number (nano/eval/evaluate.py: extract_answer) is not `answer`, or there is none."""
+    """The answer's final number (nano/eval/grading.py: extract_answer) is not `answer`, or there is none."""
     return not is_correct(text, answer)
 
 

@@ -5,8 +5,9 @@ its reward is than the group's average, in units of the group's spread:
 
     A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)          the same for every token of answer i
 
-Then the clipped objective of PPO (Schulman et al. 2017) on every response token t, with the ratio
-rho = pi(token) / pi_old(token) of the policy now to the policy that sampled it,
+Then the clipped objective of PPO (Schulman et al. 2017; nano/align/logprobs.py: clipped_surrogate) on
+every response token t, with the ratio rho = pi(token) / pi_old(token) of the policy now to the
+policy that sampled it,
 
     loss_t = -min(rho A, clip(rho, 1 - eps, 1 + eps) A)  +  beta * k3_t       (k3: KL to the reference)
 
@@ -35,9 +36,10 @@ from typing import Any
 
 import torch
 
-from nano.eval.evaluate import WRITTEN_STEP, arithmetic_value
-from nano.align.online_rl import OnlineMethod, buffer_logprobs
-from nano.align.rollout import Rollout, group_std, kl_estimates, masked_mean, response_logprobs
+from nano.eval.grading import WRITTEN_STEP, arithmetic_value
+from nano.align.logprobs import clipped_surrogate, group_std, kl_estimates, masked_mean, response_logprobs
+from nano.align.online_rl import BufferContext, OnlineMethod, buffer_logprobs
+from nano.align.rollout import Rollout
 
 AGGREGATIONS = ("token", "sequence")
 
@@ -56,20 +58,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
     mean = groups.mean(dim=1, keepdim=True)
     std = group_std(groups.view(-1), group_size)[:, None]  # (P, 1); 0 for a group of one
     return ((groups - mean) / (std + eps)).view(-1)
-
-
-def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped loss per token, max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), and where the clip was active.
-
-    rho = exp(logp - old_logp). The max of the two (the min of the objectives) stops the update
-    from gaining anything by moving rho beyond the clip range: once a token's probability has moved
-    by eps in the direction A wants, its gradient is 0.
-    """
-    ratio = torch.exp(logp - old_logp)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    return torch.maximum(unclipped, clipped), (clipped > unclipped)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token") -> torch.Tensor:
@@ -107,7 +95,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 # ---------------------------------------------------------------------------------------------
 # step credit: check every written "a op b = c" of an answer, at the tokens of c
 
-# the grader's pattern of a written step (nano/eval/evaluate.py), on bytes: positions in the text's UTF-8
+# the grader's pattern of a written step (nano/eval/grading.py), on bytes: positions in the text's UTF-8
 # bytes map to tokens
 _WRITTEN_STEP = re.compile(WRITTEN_STEP.pattern.encode())
 
@@ -154,15 +142,15 @@ def grpo_method(beta: float, aggregation: str = "token", clip_eps: float = 0.2, 
                 outcome_weight: float = 1.0, step_penalty: float | None = None) -> OnlineMethod:
     """Prepare: group advantages (x outcome_weight, + step credit), old and reference log-probs. Loss: grpo_loss."""
 
-    def prepare(buffer: Rollout, ctx: dict) -> None:
-        cfg, device = ctx["cfg"], buffer.ids.device
+    def prepare(buffer: Rollout, ctx: BufferContext) -> None:
+        cfg, device = ctx.cfg, buffer.ids.device
         advantages = outcome_weight * group_advantages(buffer.extra["rewards"].cpu(), cfg.group_size)  # (N,)
         if step_credit:
-            advantages = advantages[:, None] + step_credit_tensor(buffer, ctx["tokenizer"], step_credit, step_penalty)  # (N, T-1)
+            advantages = advantages[:, None] + step_credit_tensor(buffer, ctx.tokenizer, step_credit, step_penalty)  # (N, T-1)
         buffer.extra["advantages"] = advantages.to(device)
         if cfg.steps_per_rollout > 1:  # later steps need the log-probs of the policy that sampled
-            buffer.extra["old_logprobs"] = buffer_logprobs(ctx["model"], buffer)
-        buffer.extra["ref_logprobs"] = buffer_logprobs(ctx["reference"], buffer)
+            buffer.extra["old_logprobs"] = buffer_logprobs(ctx.model, buffer)
+        buffer.extra["ref_logprobs"] = buffer_logprobs(ctx.reference, buffer)
 
     def loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         logp, entropy = response_logprobs(model, batch["ids"], batch["response_mask"], with_entropy=True)  # (B, T-1)

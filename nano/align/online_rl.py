@@ -3,10 +3,15 @@ Online RL on the shared training loop: what GRPO (lesson 10) and PPO (lesson 11)
 
 The trainer (nano/train/trainer.py) asks for a batch per step and a loss per batch. Online RL fits that
 shape with a rollout buffer: at the first step of each group of `epochs * minibatches` steps,
-make_batch samples a fresh buffer from the current policy (prompts_per_rollout x group_size
+`OnlineRun.make_batch` samples a fresh buffer from the current policy (prompts_per_rollout x group_size
 answers, nano/align/rollout.py: sample_responses), scores it (`Scorer`: the TinyMath grader or lesson 8's
 reward model), and lets the method add what it needs (GRPO: group advantages; PPO: values, GAE).
 Every step of the group then serves one shuffled minibatch of that buffer.
+
+A run reads as four steps (`run_online_rl`): set it up (`set_up_run`: the policy, the prompts, the
+reward, in one `OnlineRun`), measure where the policy starts, train on rollout buffers (the
+OnlineRun's make_batch / loss / evaluate are what the shared loop calls), then save the best policy
+and report before -> after.
 
 Resume: eval_every is a multiple of the group, so a checkpoint always falls between groups and
 --resume starts a fresh buffer exactly where the uninterrupted run would have (the sampling seed
@@ -36,10 +41,11 @@ from nano.text.bins import PreferenceDataset, load_rl_prompts
 from nano.model.lora import merge_lora, save_adapter
 from nano.checkpoints.checkpoint import load_checkpoint
 from nano.train.sft import math_accuracy
-from nano.train.trainer import Task, row_generator, train
+from nano.train.trainer import PROMPT_ORDER, Task, row_generator, shuffled_index, train
+from nano.align.logprobs import group_std, response_logprobs
+from nano.align.policy import Policy, PolicyConfig, begin_run, load_policy, policy_state_for_saving
 from nano.align.reward_model import load_reward_model
-from nano.align.rollout import (PolicyConfig, Rollout, begin_run, check_answers, group_std, load_policy, math_rewards, policy_state_for_saving,
-                          response_logprobs, sample_responses)
+from nano.align.rollout import Rollout, check_answers, math_rewards, sample_responses
 
 REWARD_MODEL = "rm/default/checkpoints/ckpt_best.pth"  # lesson 8's reward model, under runs/
 
@@ -128,13 +134,6 @@ def load_prompt_sets(kind: str, tokenizer: Any, val_size: int) -> tuple[PromptSe
     return sets[0], sets[1].subset(range(min(val_size, len(sets[1]))))
 
 
-def prompt_for(seed: int, group: int, i: int, per_group: int, n: int) -> int:
-    """Which training prompt slot i of buffer `group` reads: shuffled epochs over the n prompts, no state."""
-    position = group * per_group + i
-    epoch, offset = divmod(position, n)
-    return int(torch.randperm(n, generator=row_generator(seed, epoch, -2))[offset])
-
-
 class Scorer:
     """The reward of an answer: graded against the prompt's number (math), or lesson 8's reward model (rm)."""
 
@@ -168,17 +167,28 @@ def real_lengths(response_mask: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class BufferContext:
+    """What a method's prepare(buffer, ctx) may read besides the freshly sampled and scored buffer."""
+
+    model: torch.nn.Module  # the module the loop trains (the policy, or PPO's policy + value head)
+    reference: torch.nn.Module  # the frozen reference policy
+    cfg: Any  # the run's OnlineRLConfig (group_size, steps_per_rollout, ...)
+    tokenizer: Any
+    answers: list[str | None] = field(default_factory=list)  # the answer each row must reach (None: no answer)
+
+
+@dataclass
 class OnlineMethod:
     """What GRPO and PPO each bring to `run_online_rl`.
 
     train_model(policy_model) -> the module the loop trains (the policy, or policy + value head)
     policy_of(train_model)    -> the policy inside it (to sample, evaluate and save)
-    prepare(buffer, ctx)      -> fill buffer.extra with per-row tensors (advantages, values, ...)
+    prepare(buffer, ctx)      -> fill buffer.extra with per-row tensors (advantages, values, ...); ctx: a BufferContext
     loss(model, minibatch)    -> (scalar loss, {stat: float}) for one minibatch
     """
 
     name: str
-    prepare: Callable[[Rollout, dict], None]
+    prepare: Callable[[Rollout, BufferContext], None]
     loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
     train_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
     policy_of: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
@@ -211,14 +221,134 @@ def greedy_answers(model: torch.nn.Module, tokenizer: Any, prompts: PromptSet, m
     return sample_responses(model, tokenizer, prompts.ids, 1, max_new_tokens, temperature=0.0, batch_size=batch_size)
 
 
-def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict:
-    """Online RL on the shared loop: sample, score, let `method` turn scores into a loss, repeat.
+# ---------------------------------------------------------------------------------------------
+# the run, step by step: set up, measure the start, train on rollout buffers, report
 
-    Writes runs/<stage>/<run_name>/ (checkpoints, metrics.jsonl, rl.svg, report.json) and returns the report.
-    """
-    start = begin_run(cfg)
-    t0 = time.time()
-    # 1. the policy, its frozen reference, the prompts and the reward
+
+@dataclass
+class BufferState:
+    """Where the loop is in its rollout buffers, and the stats gathered per step until they are logged."""
+
+    group: int | None = None  # the group of steps the current buffer serves
+    buffer: Rollout | None = None
+    rollout_stats: dict[str, float] = field(default_factory=dict)  # the current buffer's reward, length, ...
+    stats: dict[int, dict[str, list[float]]] = field(default_factory=dict)  # step -> stat -> values, until logged
+
+
+@dataclass
+class OnlineRun:
+    """One online RL run: what it trains and on which prompts (set up once by `set_up_run`), and the
+    pieces the shared loop calls at every step (make_batch, loss, evaluate, sample)."""
+
+    cfg: OnlineRLConfig
+    method: OnlineMethod
+    policy: Policy  # the policy, its frozen reference, the tokenizer
+    model: torch.nn.Module  # what the loop trains: method.train_model(policy.model)
+    train_prompts: PromptSet
+    val_prompts: PromptSet
+    scorer: Scorer
+    run_dir: Path
+    buffers: BufferState = field(default_factory=BufferState)
+    last_eval_texts: list[str] = field(default_factory=list)  # held-out answers of the last evaluation
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.policy.tokenizer
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    # -- held-out measurements
+
+    def greedy_reward(self, model: torch.nn.Module, prompts: PromptSet) -> tuple[Rollout, torch.Tensor]:
+        """The policy's greedy answers to `prompts`, and their rewards."""
+        answers = greedy_answers(self.method.policy_of(model), self.tokenizer, prompts, self.cfg.max_new_tokens)
+        return answers, self.scorer(answers, prompts.answers)
+
+    def val_reward(self, model: torch.nn.Module) -> dict:
+        """The mean greedy reward (and answer length) on the validation prompts; keeps a few answers to read."""
+        answers, rewards = self.greedy_reward(model, self.val_prompts)
+        self.last_eval_texts[:] = [f"{p}\n-> {t}" for p, t in zip(self.val_prompts.texts[: self.cfg.samples], answers.texts)]
+        return {"val_reward": float(rewards.mean()), "val_response_len": float(answers.response_lengths.float().mean())}
+
+    def practised_reward(self, model: torch.nn.Module) -> float | None:
+        """The mean greedy reward on the practised training prompts (--train_prompts; None without)."""
+        return float(self.greedy_reward(model, self.train_prompts)[1].mean()) if self.cfg.train_prompts else None
+
+    def test_accuracy(self, out_jsonl: Path | None = None) -> dict:
+        """Greedy TinyMath test accuracy of the policy ({} with --eval_problems 0)."""
+        n_test = self.cfg.eval_problems
+        return math_accuracy(self.method.policy_of(self.model), self.tokenizer, n_test, out_jsonl) if n_test else {}
+
+    # -- the rollout buffer: sampled at the first step of each group of steps_per_rollout steps
+
+    def new_buffer(self, group: int, device: str) -> Rollout:
+        """Sample buffer `group` from the current policy, score it, and let the method prepare it."""
+        cfg = self.cfg
+        actor = self.method.policy_of(self.model)
+        picks = [shuffled_index(cfg.seed, group * cfg.prompts_per_rollout + i, len(self.train_prompts), PROMPT_ORDER)
+                 for i in range(cfg.prompts_per_rollout)]
+        chosen = self.train_prompts.subset(picks)
+        buffer = sample_responses(actor, self.tokenizer, chosen.ids, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
+                                  cfg.top_p if cfg.top_p < 1 else None, seed=cfg.seed * 1_000_003 + group)
+        answers = [a for a in chosen.answers for _ in range(cfg.group_size)]
+        rewards = self.scorer(buffer, answers)
+        self.policy.reference.to(device)
+        buffer.extra["rewards"] = rewards.to(device)
+        self.method.prepare(buffer, BufferContext(self.model, self.policy.reference, cfg, self.tokenizer, answers))
+        spread = group_std(rewards, cfg.group_size)
+        self.buffers.rollout_stats = {
+            "reward": float(rewards.mean()), "reward_group_std": float(spread.mean()),
+            "groups_all_equal": float((spread == 0).float().mean()),
+            "response_len": float(buffer.response_lengths.float().mean()),
+            "finished": sum(buffer.finished) / len(buffer)}
+        return buffer
+
+    def flush_stats(self, step: int) -> None:
+        """Log the stats gathered over step `step` (reward, KL, clipping, ...) as one metrics line."""
+        stats = self.buffers.stats.pop(step, None)
+        if stats:
+            row = {"step": step, **{k: round(sum(v) / len(v), 5) for k, v in stats.items()}}
+            append_jsonl(self.metrics_path, row)
+
+    # -- what the shared loop calls (nano/train/trainer.py: Task)
+
+    def make_batch(self, step: int, rows: list[int], device: str) -> dict:
+        """Step `step`'s minibatch: a fresh buffer at the first step of a group, then shuffled rows of it."""
+        cfg, state = self.cfg, self.buffers
+        group, within = divmod(step, cfg.steps_per_rollout)
+        if state.group != group:
+            self.flush_stats(step - 1)
+            state.buffer, state.group = self.new_buffer(group, device), group
+            state.stats.setdefault(step, {})
+            for k, v in state.rollout_stats.items():
+                state.stats[step].setdefault(k, []).append(v)
+        elif rows[0] == 0:
+            self.flush_stats(step - 1)
+        epoch, mb = divmod(within, cfg.minibatches)
+        order = torch.randperm(len(state.buffer), generator=row_generator(cfg.seed, group, epoch))
+        picked = order[torch.tensor(rows) + mb * cfg.batch_size].to(device)
+        batch = minibatch(state.buffer, picked)
+        batch["step"] = step
+        return batch
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        value, stats = self.method.loss(model, batch)
+        bucket = self.buffers.stats.setdefault(batch["step"], {})
+        for k, v in stats.items():
+            bucket.setdefault(k, []).append(float(v))
+        return value
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        return self.val_reward(model)
+
+    def sample(self, model: torch.nn.Module) -> list[str]:
+        return list(self.last_eval_texts)
+
+
+def set_up_run(cfg: OnlineRLConfig, stage: str, method: OnlineMethod, start: Path) -> OnlineRun:
+    """Step 1: the policy, its frozen reference, the prompts and the reward; the run's folder and config."""
     policy = load_policy(start, cfg.adapter_path or None, cfg.quantize, cfg.lora_r)
     tokenizer = policy.tokenizer
     train_prompts, val_prompts = load_prompt_sets(cfg.prompts, tokenizer, cfg.val_prompts)
@@ -233,111 +363,57 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     print(f"each buffer: {cfg.prompts_per_rollout} prompts x {cfg.group_size} answers, {cfg.epochs} epoch(s) x "
           f"{cfg.minibatches} minibatch(es) = {cfg.steps_per_rollout} optimizer step(s); writing to {run_dir}")
     save_config(cfg, run_dir)
-
-    # 2. where the policy starts: held-out reward and TinyMath test accuracy
-    def greedy_reward(model, prompts: PromptSet) -> tuple[Rollout, torch.Tensor]:
-        answers = greedy_answers(method.policy_of(model), tokenizer, prompts, cfg.max_new_tokens)
-        return answers, scorer(answers, prompts.answers)
-
-    def val_reward(model) -> dict:
-        answers, rewards = greedy_reward(model, val_prompts)
-        last_eval_texts[:] = [f"{p}\n-> {t}" for p, t in zip(val_prompts.texts[: cfg.samples], answers.texts)]
-        return {"val_reward": float(rewards.mean()), "val_response_len": float(answers.response_lengths.float().mean())}
-
-    last_eval_texts: list[str] = []
     model = method.train_model(policy.model)
-    n_test = cfg.eval_problems
-    before_val = val_reward(model)
-    before_test = math_accuracy(method.policy_of(model), tokenizer, n_test) if n_test else {}
-    practised_before = float(greedy_reward(model, train_prompts)[1].mean()) if cfg.train_prompts else None
-    print(f"before: held-out reward {before_val['val_reward']:.3f}" +
-          (f", TinyMath test {before_test['accuracy']:.1%} (± {before_test['stderr']:.1%})" if n_test else ""))
+    return OnlineRun(cfg, method, policy, model, train_prompts, val_prompts, scorer, run_dir)
 
-    # 3. the rollout buffer: sampled at the first step of each group of steps_per_rollout steps
-    state: dict[str, Any] = {"group": None, "buffer": None, "stats": {}}
-    metrics_path = run_dir / "metrics.jsonl"
 
-    def flush_stats(step: int) -> None:
-        """Log the stats gathered over step `step` (reward, KL, clipping, ...) as one metrics line."""
-        stats = state["stats"].pop(step, None)
-        if stats:
-            row = {"step": step, **{k: round(sum(v) / len(v), 5) for k, v in stats.items()}}
-            append_jsonl(metrics_path, row)
-
-    def new_buffer(group: int, device: str) -> Rollout:
-        train_model = state["model"]
-        actor = method.policy_of(train_model)
-        picks = [prompt_for(cfg.seed, group, i, cfg.prompts_per_rollout, len(train_prompts)) for i in range(cfg.prompts_per_rollout)]
-        chosen = train_prompts.subset(picks)
-        buffer = sample_responses(actor, tokenizer, chosen.ids, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
-                                  cfg.top_p if cfg.top_p < 1 else None, seed=cfg.seed * 1_000_003 + group)
-        answers = [a for a in chosen.answers for _ in range(cfg.group_size)]
-        rewards = scorer(buffer, answers)
-        policy.reference.to(device)
-        buffer.extra["rewards"] = rewards.to(device)
-        method.prepare(buffer, {"model": train_model, "reference": policy.reference, "cfg": cfg, "tokenizer": tokenizer,
-                                "answers": answers})
-        spread = group_std(rewards, cfg.group_size)
-        state["rollout_stats"] = {
-            "reward": float(rewards.mean()), "reward_group_std": float(spread.mean()),
-            "groups_all_equal": float((spread == 0).float().mean()),
-            "response_len": float(buffer.response_lengths.float().mean()),
-            "finished": sum(buffer.finished) / len(buffer)}
-        return buffer
-
-    def make_batch(step: int, rows: list[int], device: str) -> dict:
-        group, within = divmod(step, cfg.steps_per_rollout)
-        if state["group"] != group:
-            flush_stats(step - 1)
-            state["buffer"], state["group"] = new_buffer(group, device), group
-            state["stats"].setdefault(step, {})
-            for k, v in state["rollout_stats"].items():
-                state["stats"][step].setdefault(k, []).append(v)
-        elif rows[0] == 0:
-            flush_stats(step - 1)
-        epoch, mb = divmod(within, cfg.minibatches)
-        order = torch.randperm(len(state["buffer"]), generator=row_generator(cfg.seed, group, epoch))
-        picked = order[torch.tensor(rows) + mb * cfg.batch_size].to(device)
-        batch = minibatch(state["buffer"], picked)
-        batch["step"] = step
-        return batch
-
-    def loss(model, batch):
-        value, stats = method.loss(model, batch)
-        bucket = state["stats"].setdefault(batch["step"], {})
-        for k, v in stats.items():
-            bucket.setdefault(k, []).append(float(v))
-        return value
-
-    def evaluate(model):
-        return val_reward(model)
-
-    def sample(model):
-        return list(last_eval_texts)
-
-    extra = policy_state_for_saving(policy)
-    extra.update({"base_checkpoint": str(start), "method": method.name})
-    task = Task(make_batch=make_batch, loss=loss, evaluate=evaluate, sample=sample, checkpoint_extra=extra,
-                count_tokens=lambda b: int(b["response_mask"].sum()), best_metric="val_reward", higher_is_better=True)
-    state["model"] = model
-    result = train(model, cfg, run_dir, task)
-    flush_stats(cfg.steps - 1)
-
-    # 4. the best checkpoint (by held-out reward), graded on the test problems; curves; report
-    best = load_checkpoint(run_dir / "checkpoints" / "ckpt_best.pth")
-    model.load_state_dict(best["model"])
-    actor = method.policy_of(model)
-    if policy.lora:  # the adapter alone: a small file for --adapter_path (lessons 12 and 13)
-        path = save_adapter(actor, run_dir / "adapter.pth", policy.identity)
-        print(f"adapter: {path} (on --checkpoint_path {start}{' --quantize' if cfg.quantize else ''})")
+def save_best_policy(run: OnlineRun, start: Path, extra: dict) -> dict:
+    """Step 4a: load the best checkpoint (by held-out reward) into the model and save the policy alone:
+    the adapter (LoRA runs) and plain weights (policy_best.pth). Returns the best checkpoint."""
+    best = load_checkpoint(run.run_dir / "checkpoints" / "ckpt_best.pth")
+    run.model.load_state_dict(best["model"])
+    actor = run.method.policy_of(run.model)
+    if run.policy.lora:  # the adapter alone: a small file for --adapter_path (lessons 12 and 13)
+        path = save_adapter(actor, run.run_dir / "adapter.pth", run.policy.identity)
+        print(f"adapter: {path} (on --checkpoint_path {start}{' --quantize' if run.cfg.quantize else ''})")
     # the policy alone as plain weights (no value head, adapters merged): what load_model, lesson 12
     # and lesson 13 read; ckpt_best.pth / ckpt_last.pth keep the whole training state for --resume
-    plain = merge_lora(copy.deepcopy(actor)) if policy.lora else actor
-    save_checkpoint(run_dir / "checkpoints" / "policy_best.pth",
+    plain = merge_lora(copy.deepcopy(actor)) if run.policy.lora else actor
+    save_checkpoint(run.run_dir / "checkpoints" / "policy_best.pth",
                     {"model": plain.state_dict(), "step": best["step"], "val_reward": best.get("best_value"), **extra})
-    after_test = math_accuracy(actor, tokenizer, n_test, run_dir / "tinymath_samples.jsonl") if n_test else {}
-    practised_after = float(greedy_reward(model, train_prompts)[1].mean()) if cfg.train_prompts else None
-    plot_rl_history(metrics_path, run_dir / "rl.svg", method.name)
+    return best
+
+
+def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict:
+    """Online RL on the shared loop: sample, score, let `method` turn scores into a loss, repeat.
+
+    Writes runs/<stage>/<run_name>/ (checkpoints, metrics.jsonl, rl.svg, report.json) and returns the report.
+    """
+    start = begin_run(cfg)
+    t0 = time.time()
+    # 1. the policy, its frozen reference, the prompts and the reward
+    run = set_up_run(cfg, stage, method, start)
+
+    # 2. where the policy starts: held-out reward and TinyMath test accuracy
+    before_val = run.val_reward(run.model)
+    before_test = run.test_accuracy()
+    practised_before = run.practised_reward(run.model)
+    print(f"before: held-out reward {before_val['val_reward']:.3f}" +
+          (f", TinyMath test {before_test['accuracy']:.1%} (± {before_test['stderr']:.1%})" if cfg.eval_problems else ""))
+
+    # 3. train: each group of steps_per_rollout steps samples one buffer (run.make_batch)
+    extra = policy_state_for_saving(run.policy)
+    extra.update({"base_checkpoint": str(start), "method": method.name})
+    task = Task(make_batch=run.make_batch, loss=run.loss, evaluate=run.evaluate, sample=run.sample, checkpoint_extra=extra,
+                count_tokens=lambda b: int(b["response_mask"].sum()), best_metric="val_reward", higher_is_better=True)
+    result = train(run.model, cfg, run.run_dir, task)
+    run.flush_stats(cfg.steps - 1)
+
+    # 4. the best checkpoint (by held-out reward), graded on the test problems; curves; report
+    best = save_best_policy(run, start, extra)
+    after_test = run.test_accuracy(run.run_dir / "tinymath_samples.jsonl")
+    practised_after = run.practised_reward(run.model)
+    plot_rl_history(run.metrics_path, run.run_dir / "rl.svg", method.name)
     report = {
         "stage": stage, "method": method.name, "reward": cfg.reward, "best_step": best["step"],
         "val_reward_before": before_val["val_reward"], "val_reward_best": result.best_value,
@@ -346,17 +422,22 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
         "tinymath_n": after_test.get("n"), "practised_reward_before": practised_before,
         "practised_reward_after": practised_after, "seconds": round(time.time() - t0, 1),
     }
-    write_json(run_dir / "report.json", report)
-    print(f"\nheld-out reward ({len(val_prompts)} validation prompts, greedy): before {before_val['val_reward']:.3f} -> "
-          f"best {result.best_value:.3f} at step {best['step']}")
-    if cfg.train_prompts:
-        print(f"the {len(train_prompts)} practised training prompts (greedy): before {practised_before:.3f} -> "
-              f"after {practised_after:.3f} (step {best['step']})")
-    if n_test:
-        print(f"TinyMath test accuracy ({after_test['n']} problems, greedy): before {before_test['accuracy']:.1%} -> "
-              f"after {after_test['accuracy']:.1%} (± {after_test['stderr']:.1%})")
-    print(f"curves: {run_dir / 'rl.svg'}; took {report['seconds']:.0f} s")
+    write_json(run.run_dir / "report.json", report)
+    print_report(run, report)
     return report
+
+
+def print_report(run: OnlineRun, report: dict) -> None:
+    """Step 4b: before -> after, on the held-out prompts, the practised ones and the test problems."""
+    print(f"\nheld-out reward ({len(run.val_prompts)} validation prompts, greedy): before {report['val_reward_before']:.3f} -> "
+          f"best {report['val_reward_best']:.3f} at step {report['best_step']}")
+    if run.cfg.train_prompts:
+        print(f"the {len(run.train_prompts)} practised training prompts (greedy): before {report['practised_reward_before']:.3f} -> "
+              f"after {report['practised_reward_after']:.3f} (step {report['best_step']})")
+    if run.cfg.eval_problems:
+        print(f"TinyMath test accuracy ({report['tinymath_n']} problems, greedy): before {report['tinymath_before']:.1%} -> "
+              f"after {report['tinymath_after']:.1%} (± {report['tinymath_stderr_after']:.1%})")
+    print(f"curves: {run.run_dir / 'rl.svg'}; took {report['seconds']:.0f} s")
 
 
 def plot_rl_history(metrics_path: Path, out: Path, name: str) -> None:

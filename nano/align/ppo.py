@@ -32,9 +32,9 @@ Lesson 11 runs it: `make lesson-11`. Tests: `.venv/bin/python -m pytest -q tests
 import torch
 import torch.nn as nn
 
-from nano.align.grpo import clipped_surrogate
-from nano.align.online_rl import OnlineMethod, buffer_logprobs
-from nano.align.rollout import Rollout, kl_estimates, masked_mean, response_logprobs
+from nano.align.logprobs import clipped_surrogate, kl_estimates, masked_mean, response_logprobs
+from nano.align.online_rl import BufferContext, OnlineMethod, buffer_logprobs
+from nano.align.rollout import Rollout
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -70,7 +70,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip_eps: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over response tokens of the clipped surrogate (nano/align/grpo.py: clipped_surrogate); and the clip fraction.
+    """Mean over response tokens of the clipped surrogate (nano/align/logprobs.py: clipped_surrogate); and the clip fraction.
 
     >>> loss, _ = ppo_policy_loss(torch.tensor([-.5, -1., -.2]), torch.tensor([-.7, -.9, -.2]),
     ...                           torch.tensor([1., -1., .5]), torch.ones(3), 0.2)
@@ -120,11 +120,11 @@ def ppo_method(kl_coef: float, clip_eps: float = 0.2, value_clip: float = 0.2, v
                gamma: float = 1.0, lam: float = 0.95) -> OnlineMethod:
     """Prepare: old log-probs, reference log-probs, old values, per-token rewards, GAE. Loss: actor + critic."""
 
-    def prepare(buffer: Rollout, ctx: dict) -> None:
-        model, device = ctx["model"], buffer.ids.device
+    def prepare(buffer: Rollout, ctx: BufferContext) -> None:
+        model, device = ctx.model, buffer.ids.device
         mask = buffer.response_mask[:, 1:].float()  # (N, T-1): columns of response tokens
         old_logp = buffer_logprobs(model.policy, buffer)
-        ref_logp = buffer_logprobs(ctx["reference"], buffer)
+        ref_logp = buffer_logprobs(ctx.reference, buffer)
         with torch.no_grad():
             was_training = model.training
             model.eval()

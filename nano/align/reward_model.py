@@ -27,11 +27,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nano.text.padding import right_pad
 from nano.model.gemma import GemmaNano, ModelConfig
 from nano.checkpoints.checkpoint import load_checkpoint, load_model
 
@@ -83,29 +83,14 @@ class RewardModel(nn.Module):
         return self.head(picked.float()).squeeze(-1)  # (B,)
 
 
-def pad_right(sequences: Sequence[Sequence[int]], pad_id: int = 0, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists: (ids (B, T), lengths (B,)).
-
-    >>> pad_right([[5, 6, 7], [8]])
-    (tensor([[5, 6, 7],
-            [8, 0, 0]]), tensor([3, 1]))
-    """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    for row, s in enumerate(sequences):
-        ids[row, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-    return ids.to(device), lengths.to(device)
-
-
 def pair_batch(items: Sequence[dict], max_len: int, pad_id: int = 0, device: str | torch.device = "cpu") -> dict:
     """Preference pairs (nano/text/bins.py: PreferenceDataset items) -> chosen and rejected, each right-padded.
 
     Sequences longer than max_len keep their first max_len tokens (lesson 8 skips such pairs, so
     this only guards the model's context).
     """
-    chosen, chosen_len = pad_right([it["chosen_ids"][:max_len] for it in items], pad_id, device)
-    rejected, rejected_len = pad_right([it["rejected_ids"][:max_len] for it in items], pad_id, device)
+    chosen, chosen_len = right_pad([it["chosen_ids"][:max_len] for it in items], pad_id, device)
+    rejected, rejected_len = right_pad([it["rejected_ids"][:max_len] for it in items], pad_id, device)
     return {"chosen": chosen, "chosen_len": chosen_len, "rejected": rejected, "rejected_len": rejected_len,
             "flaws": [it["flaw"] for it in items]}
 

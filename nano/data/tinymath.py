@@ -11,7 +11,7 @@ This module owns the three things that must agree about that format:
   - the problems: `generate_problem` renders one entry of the table TEMPLATES; `tinymath_problems`
     makes a split of distinct ones (lesson 0), `rl_prompts` turns them into RL prompts;
   - the answer line: `answer_line` writes "#### N", `final_answer` reads it -- the one parser, used
-    by the grader (nano/eval/evaluate.py) too;
+    by the grader (nano/eval/grading.py) too;
   - the arithmetic drills lesson 2 mixes into pretraining (`arithmetic_drills`): every step a
     solution can write, as plain text.
 
@@ -50,7 +50,7 @@ ANSWER_MARK = "####"  # GSM8K's mark before the final answer
 #   - thousands separators must come in groups of three: "1,234" is one number, "3,4" is two;
 #   - a currency sign may sit between the sign and the digits: "-$5";
 #   - a sentence's full stop is not a decimal point: "18." reads as 18.
-# nano/eval/evaluate.py reads the other ways a model states a number with the same pattern.
+# nano/eval/grading.py reads the other ways a model states a number with the same pattern.
 NUMBER = r"""
     (?: (?<![\w.]) [-−] \s? )?                      # optional minus, not the one in "5-3"
     [$€£¥]? \s?                                     # optional currency sign
@@ -70,7 +70,7 @@ def final_answer(text: str) -> str | None:
     """The number after the first "####" in `text`, without commas, spaces or currency signs; else None.
 
     The first mark counts: a model that goes on after a finished answer usually babbles. Lesson 0
-    reads GSM8K's reference answers with it, and nano/eval/evaluate.py a model's output.
+    reads GSM8K's reference answers with it, and nano/eval/grading.py a model's output.
 
     >>> final_answer("So 3 + 4 = 7.\\n#### 7"), final_answer("#### 1,200"), final_answer("#### -$5\\n#### 6")
     ('7', '1200', '-5')

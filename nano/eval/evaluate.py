@@ -1,28 +1,22 @@
 """
-Evaluation: ask the model math word problems, read the number it ends with, and count how often it
-is right. (How well a model predicts held-out text — loss and bits per byte — is nano/eval/val_loss.py.)
-
-Grading free text is the hard part. GSM8K's reference answers end in a line "#### 72"; a model may
-write that, or "The answer is 72.", or "A: $72.00", or just stop after a calculation. So
-`extract_answer` reads the marked answer first, then the usual final-answer phrases, then falls back
-to the last number, and `is_correct` compares numbers (72 == 72.00 == "$72"), never strings.
+Evaluation: ask the model math word problems, grade the number it ends with, and count how often it
+is right. (How a number is read out of free text and graded is nano/eval/grading.py; how well a model
+predicts held-out text — loss and bits per byte — is nano/eval/val_loss.py.)
 
 Two ways to prompt (Cobbe et al. 2021 for GSM8K; Wei et al. 2022 for k-shot chain of thought):
   - chat models (SFT, DPO, RL) get the question as one user turn in the Gemma chat format (zero-shot),
   - base models get k worked examples as plain text, "Question: ...\\nAnswer: ...", and continue it.
 
-Accuracy over n problems is a mean of 0/1 outcomes; its standard error sqrt(p(1-p)/n) says how far
-it would move on another sample of problems (20 problems at p=0.5: +-11 points — small evals are noisy).
+An evaluation (`evaluate_model`) runs in five steps: choose the problems (and a base model's worked
+examples), build the prompts, decide when an answer stops, generate the answers in batches, grade
+each one. The result is the accuracy, its standard error, and every graded sample.
 
 Run the tests: `make check-12` (or `.venv/bin/python -m pytest -q tests/test_12_evaluate.py`).
 """
 
-import ast
 import json
-import math
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,188 +24,12 @@ import torch
 
 from nano.common.fileio import write_jsonl
 from nano.common.paths import raw_dir
-from nano.data.tinymath import NUMBER, final_answer
-from nano.text.chat_format import STOP_TOKENS, render_prompt
+from nano.text.chat_format import STOP_TOKENS, pad_token_id, render_prompt
 from nano.model.generate import generate_batch
+from nano.eval.grading import MISTAKE_KINDS, accuracy_with_stderr, extract_answer, mistake_kind, numbers_equal, reference_answer
 
 # ----------------------------------------------------------------------------------------------
-# 1. Reading numbers out of text
-# ----------------------------------------------------------------------------------------------
-
-# One number as people write it ("-3", "1,234", "$1,234.50", "−7"): the pattern nano/data/tinymath.py
-# reads the "#### N" line with (see the rules there), so every number here is read the same way.
-NUMBER_RE = re.compile(NUMBER, re.VERBOSE)
-
-# The usual ways a model states its final answer, weaker than "####" but stronger than "some number".
-FINAL_ANSWER_RE = re.compile(
-    r"""
-    (?:
-        answer \s* (?: is | was | = | : ) \s* :? \s*     # "The answer is 18", "Final answer: 18"
-      | (?: ^ | \n ) \s* A \s* : \s*                     # "A: 18" at the start of a line
-      | \\boxed\{ \s*                                    # "\boxed{18}"
-      | \*\* \s* (?= [-−$€£¥]? \s? \d [\d,.]* \s* \*\*)  # "**18**" (bold number, nothing else)
-    )
-    (?P<number>""" + NUMBER + ")",
-    re.VERBOSE | re.IGNORECASE,
-)
-
-
-def normalize_number(text: str) -> str | None:
-    """The canonical string of one written number, or None if `text` is not a number.
-
-    Commas, currency signs, spaces, a percent sign and trailing zeros after the point go away:
-
-    >>> normalize_number("$1,234.50"), normalize_number("18.00"), normalize_number("-7"), normalize_number("12%")
-    ('1234.5', '18', '-7', '12')
-    """
-    cleaned = text.strip().replace("−", "-").replace(",", "").replace(" ", "").rstrip("%").rstrip(".")
-    cleaned = re.sub(r"[$€£¥]", "", cleaned)
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    if value == value.to_integral_value():
-        return str(int(value))  # "18.00" -> "18", "-0" -> "0"
-    # subtle: Decimal("1234.50").normalize() is "1234.5", but normalize() of big integers gives
-    # "1E+3"; the integer case is handled above, and format "f" never uses an exponent
-    return format(value.normalize(), "f")
-
-
-def extract_answer(text: str) -> str | None:
-    """The final numeric answer in a model's output, normalized; None when there is no number at all.
-
-    Three tries, strongest first:
-      1. the first "#### N" (GSM8K's mark; anything after a finished answer is usually babble),
-      2. the last final-answer phrase: "The answer is N", "answer: N", "A: N", "\\boxed{N}", "**N**"
-         (the last one, because models restate and correct themselves),
-      3. the last number anywhere in the text.
-
-    >>> extract_answer("16 - 3 - 4 = 9 eggs.\\n9 * 2 = $18\\n#### 18")
-    '18'
-    >>> extract_answer("So she makes $1,234.50 a day. The answer is $1,234.50.")
-    '1234.5'
-    >>> extract_answer("She has 3 apples and buys 4 more, so 7 in all.")
-    '7'
-    >>> extract_answer("I don't know") is None
-    True
-    """
-    marked = final_answer(text)  # "#### 18": GSM8K's (and TinyMath's) own answer mark, the strongest signal
-    if marked is not None:
-        return normalize_number(marked)
-    phrases = list(FINAL_ANSWER_RE.finditer(text))
-    if phrases:
-        return normalize_number(phrases[-1].group("number"))
-    numbers = NUMBER_RE.findall(text)
-    if numbers:
-        return normalize_number(numbers[-1])
-    return None
-
-
-def reference_answer(reference: str | int | float) -> str:
-    """The normalized number a reference stands for: a GSM8K answer field ("...\\n#### 72"), or a number.
-
-    >>> reference_answer("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\\n#### 72"), reference_answer(72.0)
-    ('72', '72')
-    """
-    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
-        number = normalize_number(repr(reference))
-    elif "####" in reference:
-        marked = final_answer(reference)
-        number = normalize_number(marked) if marked is not None else None
-    else:
-        number = normalize_number(reference)
-    if number is None:
-        raise ValueError(f"the reference {reference!r} holds no number to grade against")
-    return number
-
-
-# numbers this close count as equal: exact for integers, forgiving for 0.1 + 0.2 style float noise
-REL_TOLERANCE = 1e-6
-ABS_TOLERANCE = 1e-9
-
-
-def numbers_equal(a: str, b: str) -> bool:
-    """Compare two normalized numbers with a small tolerance: "0.30000000000000004" equals "0.3"."""
-    return math.isclose(float(a), float(b), rel_tol=REL_TOLERANCE, abs_tol=ABS_TOLERANCE)
-
-
-def is_correct(completion: str, reference: str | int | float) -> bool:
-    """Does the model's `completion` end in the reference's number?
-
-    >>> is_correct("9 * 2 = 18 dollars.\\n#### 18", "...\\n#### 18"), is_correct("The answer is $18.00", 18)
-    (True, True)
-    >>> is_correct("#### 17", "18"), is_correct("no idea", "18")
-    (False, False)
-    """
-    predicted = extract_answer(completion)
-    if predicted is None:
-        return False
-    return numbers_equal(predicted, reference_answer(reference))
-
-
-# A worked step as the solutions write it: "3 * 4 = 12", "12 - 2 + 5 = 15" (whole numbers, + - * /)
-WRITTEN_STEP = re.compile(r"(\d+(?:\s*[-+*/]\s*\d+)+)\s*=\s*(\d+)")
-_STEP_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-             ast.Div: lambda a, b: a / b if b else math.nan}
-
-
-def arithmetic_value(expression: str) -> float:
-    """'12 - 2 + 5' -> 15, with the usual precedence; only numbers and + - * / (no eval())."""
-    def value(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant):
-            return node.value
-        return _STEP_OPS[type(node.op)](value(node.left), value(node.right))
-    return value(ast.parse(expression, mode="eval").body)
-
-
-MISTAKE_KINDS = ("arithmetic slip", "wrong numbers or steps", "no answer")
-
-
-def mistake_kind(completion: str, reference: str | int | float) -> str:
-    """Why an answer is wrong, read off its worked steps; "right" when it is not wrong.
-
-    "no answer": no number to grade; "arithmetic slip": some written step such as "19 + 6 = 26" is
-    false; "wrong numbers or steps": every written step is true, so the model computed the wrong
-    thing (misread a number, chose the wrong operation, stopped a step early).
-
-    >>> mistake_kind("So he has 19 + 6 = 26.\\n#### 26", 25), mistake_kind("So he has 19 + 5 = 24.\\n#### 24", 25)
-    ('arithmetic slip', 'wrong numbers or steps')
-    """
-    if is_correct(completion, reference):
-        return "right"
-    if extract_answer(completion) is None:
-        return "no answer"
-    for expression, result in WRITTEN_STEP.findall(completion):
-        if not math.isclose(arithmetic_value(expression), int(result)):
-            return "arithmetic slip"
-    return "wrong numbers or steps"
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Accuracy and its standard error
-# ----------------------------------------------------------------------------------------------
-
-
-def accuracy_with_stderr(correct: Sequence[bool]) -> tuple[float, float]:
-    """Accuracy p and its standard error sqrt(p(1-p)/n) (the binomial one, divided by n, not n-1).
-
-    Each problem is a coin flip that lands "right" with probability p; the mean of n flips varies
-    by sqrt(p(1-p)/n) from one sample of problems to the next. With no problems both are undefined: nan.
-
-    >>> accuracy_with_stderr([True, False, True, True])   # p = 0.75, sqrt(0.75 * 0.25 / 4)
-    (0.75, 0.21650635094610965)
-    """
-    n = len(correct)
-    if n == 0:
-        return float("nan"), float("nan")
-    p = sum(bool(c) for c in correct) / n
-    return p, math.sqrt(p * (1.0 - p) / n)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Tasks: GSM8K and TinyMath, the same jsonl format
+# 1. Tasks: GSM8K and TinyMath, the same jsonl format
 # ----------------------------------------------------------------------------------------------
 
 
@@ -284,7 +102,7 @@ def load_task(name: str, split: str = "test", path: str | Path | None = None, li
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Prompts
+# 2. Prompts
 # ----------------------------------------------------------------------------------------------
 
 # An instruction that can follow the question in chat mode, so that a general chat model ends where
@@ -348,7 +166,7 @@ def cut_fewshot_continuation(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The evaluation loop
+# 3. The evaluation, step by step
 # ----------------------------------------------------------------------------------------------
 
 
@@ -406,6 +224,107 @@ def fewshot_pool(
     return problems[:num_fewshot], problems[num_fewshot:]
 
 
+def choose_problems(
+    task: str | Sequence[Problem],
+    limit: int | None,
+    mode: str,
+    num_fewshot: int,
+    task_file: str | Path | None = None,
+    fewshot_examples: Sequence[Problem] | None = None,
+) -> tuple[str, list[Problem], list[Problem]]:
+    """Step 1: (the task's name, the problems to grade, the worked examples a base model is shown first).
+
+    `task` is a task name (read with load_task, from `task_file` if given) or a list of Problems ("custom").
+    In few-shot mode without `fewshot_examples`, the examples come from `fewshot_pool`.
+    """
+    name = task if isinstance(task, str) else "custom"
+    if isinstance(task, str):  # (+ num_fewshot: the first ones may become the examples, see fewshot_pool)
+        problems = load_task(task, path=task_file, limit=None if limit is None else limit + num_fewshot)
+    else:
+        problems = list(task)
+    if mode == "fewshot" and fewshot_examples is None and isinstance(task, str):
+        fewshot_examples, problems = fewshot_pool(task, problems, num_fewshot, task_file)
+    if limit is not None:
+        problems = problems[:limit]
+    return name, problems, list(fewshot_examples or [])
+
+
+def prompt_budget(model: torch.nn.Module, max_new_tokens: int) -> int | None:
+    """Step 2: the longest prompt that leaves room in the context window for the answer (None: no limit).
+
+    The room is at most half the window: max_new_tokens is a cap, most answers are far shorter, and
+    the examples matter more.
+    """
+    context_len = getattr(getattr(model, "cfg", None), "context_len", None)
+    return None if context_len is None else context_len - min(max_new_tokens, context_len // 2)
+
+
+def stop_rule(tokenizer: Any, mode: str) -> tuple[list[int], Callable[[list[int]], bool] | None]:
+    """Step 3: (stop tokens, should_stop) — stop at the end of the model's turn (chat), or when a base
+    model starts the next question (few-shot)."""
+    stop_names = STOP_TOKENS if mode == "chat" else ("<eos>", "<|endoftext|>")
+    stop_tokens = [i for i in (_special_id(tokenizer, n) for n in stop_names) if i is not None]
+    should_stop: Callable[[list[int]], bool] | None = None
+    if mode == "fewshot":
+        should_stop = lambda new_ids: FEWSHOT_CUT in tokenizer.decode(new_ids[-16:])  # noqa: E731
+    return stop_tokens, should_stop
+
+
+def generate_answers(model: torch.nn.Module, prompts: list[list[int]], batch_size: int, progress: str = "",
+                     **sampling: Any) -> list[list[int]]:
+    """Step 4: each prompt's new token ids, in the prompts' order. `sampling`: generate_batch's keywords.
+
+    Prompts are sorted by length and generated `batch_size` at a time, left-padded (generate_batch),
+    so the padding wasted per batch stays small; longest first, so an out-of-memory error shows at
+    once. `progress`: the label of a progress bar ("" = none).
+    """
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=progress, unit="batch")
+    for batch in batches:  # (generate_batch runs the model in eval mode)
+        new_tokens = generate_batch(model, [prompts[i] for i in batch], **sampling)
+        for i, ids in zip(batch, new_tokens):
+            outputs[i] = ids
+    return outputs
+
+
+def graded_row(task: str, problem: Problem, prompt: str, answer: str) -> dict[str, Any]:
+    """Step 5: one answer, graded (nano/eval/grading.py): what the model wrote, the number read out of
+    it, the reference, the verdict and, when wrong, the kind of mistake."""
+    extracted = extract_answer(answer)
+    correct = extracted is not None and numbers_equal(extracted, problem.reference)
+    return {
+        "task": task,
+        "id": problem.id,
+        "prompt": prompt,
+        "output": answer,
+        "extracted": extracted,
+        "reference": problem.reference,
+        "correct": correct,
+        "mistake": mistake_kind(answer, problem.reference),
+    }
+
+
+def summary(task: str, mode: str, num_fewshot: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The graded rows -> {"accuracy", "stderr", "n", "correct", "mistakes", "rows", ...}."""
+    accuracy, stderr = accuracy_with_stderr([r["correct"] for r in rows])
+    return {
+        "task": task,
+        "mode": mode,
+        "num_fewshot": num_fewshot if mode == "fewshot" else 0,
+        "n": len(rows),
+        "correct": sum(r["correct"] for r in rows),
+        "accuracy": accuracy,
+        "stderr": stderr,
+        "mistakes": {kind: sum(r["mistake"] == kind for r in rows) for kind in MISTAKE_KINDS},
+        "rows": rows,
+    }
+
+
 def evaluate_model(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -428,10 +347,8 @@ def evaluate_model(
 
     `task` is a task name ("gsm8k", "tinymath"; `task_file` overrides its file) or a list of Problems.
     Greedy by default (temperature 0): the score is then a property of the checkpoint, not of a seed.
-    Prompts are sorted by length and generated `batch_size` at a time, left-padded (generate_batch),
-    so the padding wasted per batch stays small. "rows" holds each sample's prompt, output, extracted
-    answer, reference and verdict (a dict each); they also go to `out_jsonl` (a json object a line)
-    when given, to read afterwards.
+    "rows" holds each sample's prompt, output, extracted answer, reference and verdict (a dict each);
+    they also go to `out_jsonl` (a json object a line) when given, to read afterwards.
 
     mode "chat": zero-shot, the question as the user turn (+ `instruction`), stop at <end_of_turn>/<eos>.
     mode "fewshot": `num_fewshot` worked examples first (see `fewshot_pool`), stop at <eos> or when
@@ -439,86 +356,24 @@ def evaluate_model(
     nano.model.generate.is_looping) stops early: a loop never reaches a better answer.
     """
     # 1. the problems, and the worked examples a base model is shown first
-    name = task if isinstance(task, str) else "custom"
-    if isinstance(task, str):  # (+ num_fewshot: the first ones may become the examples, see fewshot_pool)
-        problems = load_task(task, path=task_file, limit=None if limit is None else limit + num_fewshot)
-    else:
-        problems = list(task)
-    if mode == "fewshot" and fewshot_examples is None and isinstance(task, str):
-        fewshot_examples, problems = fewshot_pool(task, problems, num_fewshot, task_file)
-    if limit is not None:
-        problems = problems[:limit]
-    examples = list(fewshot_examples or [])
-
-    # 2. prompts, leaving room in the context window for the answer (at most half the window:
-    #    max_new_tokens is a cap, most answers are far shorter, and the examples matter more)
-    context_len = getattr(getattr(model, "cfg", None), "context_len", None)
-    max_prompt = None if context_len is None else context_len - min(max_new_tokens, context_len // 2)
-    prompts = build_prompts(
-        tokenizer, problems, mode, num_fewshot if mode == "fewshot" else 0, examples, instruction, max_prompt_tokens=max_prompt
-    )
-
-    # 3. stop at the end of the model's turn (chat), or when a base model starts the next question
-    stop_names = STOP_TOKENS if mode == "chat" else ("<eos>", "<|endoftext|>")
-    stop_tokens = [i for i in (_special_id(tokenizer, n) for n in stop_names) if i is not None]
-    should_stop: Callable[[list[int]], bool] | None = None
-    if mode == "fewshot":
-        should_stop = lambda new_ids: FEWSHOT_CUT in tokenizer.decode(new_ids[-16:])  # noqa: E731
-
-    # 4. generate in batches of similar length (longest first: an out-of-memory error shows at once)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    outputs: list[list[int]] = [[] for _ in prompts]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc=f"{name} ({mode})", unit="batch")
-    for batch in batches:  # (generate_batch runs the model in eval mode)
-        new_tokens = generate_batch(
-            model,
-            [prompts[i] for i in batch],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            stop_tokens=stop_tokens,
-            seed=seed,
-            repetition_stop=repetition_stop,
-            should_stop=should_stop,
-            pad_id=_special_id(tokenizer, "<pad>") or 0,
-        )
-        for i, ids in zip(batch, new_tokens):
-            outputs[i] = ids
-
-    # 5. grade
+    name, problems, examples = choose_problems(task, limit, mode, num_fewshot, task_file, fewshot_examples)
+    # 2. prompts, leaving room in the context window for the answer
+    prompts = build_prompts(tokenizer, problems, mode, num_fewshot if mode == "fewshot" else 0, examples, instruction,
+                            max_prompt_tokens=prompt_budget(model, max_new_tokens))
+    # 3. when an answer stops
+    stop_tokens, should_stop = stop_rule(tokenizer, mode)
+    # 4. generate in batches of similar length
+    outputs = generate_answers(model, prompts, batch_size, f"{name} ({mode})" if progress else "",
+                               max_new_tokens=max_new_tokens, temperature=temperature, stop_tokens=stop_tokens, seed=seed,
+                               repetition_stop=repetition_stop, should_stop=should_stop, pad_id=pad_token_id(tokenizer))
+    # 5. grade: the answer alone (no stop token; in few-shot mode, not the next question it began)
     rows = []
     for problem, prompt_ids, output_ids in zip(problems, prompts, outputs):
         text = tokenizer.decode([t for t in output_ids if t not in stop_tokens])
         if mode == "fewshot":
             text = cut_fewshot_continuation(text)
-        extracted = extract_answer(text)
-        correct = extracted is not None and numbers_equal(extracted, problem.reference)
-        rows.append(
-            {
-                "task": name,
-                "id": problem.id,
-                "prompt": tokenizer.decode(prompt_ids),
-                "output": text,
-                "extracted": extracted,
-                "reference": problem.reference,
-                "correct": correct,
-                "mistake": mistake_kind(text, problem.reference),
-            }
-        )
-    accuracy, stderr = accuracy_with_stderr([r["correct"] for r in rows])
+        rows.append(graded_row(name, problem, tokenizer.decode(prompt_ids), text))
+    result = summary(name, mode, num_fewshot, rows)
     if out_jsonl is not None:
         write_jsonl(out_jsonl, rows)
-    return {
-        "task": name,
-        "mode": mode,
-        "num_fewshot": num_fewshot if mode == "fewshot" else 0,
-        "n": len(rows),
-        "correct": sum(r["correct"] for r in rows),
-        "accuracy": accuracy,
-        "stderr": stderr,
-        "mistakes": {kind: sum(r["mistake"] == kind for r in rows) for kind in MISTAKE_KINDS},
-        "rows": rows,
-    }
+    return result

@@ -24,6 +24,7 @@ from typing import Any, Callable, Container, Iterable, Sequence
 
 import torch
 
+from nano.text.padding import left_pad
 from nano.model.decode_step import decode_step
 from nano.model.gemma import GemmaNano
 
@@ -325,26 +326,6 @@ def generate(
 # -----------------------------------------------------------------------------------------------
 # 4. A batch of sequences
 # -----------------------------------------------------------------------------------------------
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad prompts on the LEFT to one length: (ids (B, T), key_mask (B, T), True on real tokens).
-
-    Left, not right: every row's last prompt token then sits in the last column, so one step's
-    logits[:, -1] is the next-token prediction of every row, and new tokens are appended in step.
-
-    >>> ids, mask = left_pad([[5, 6, 7], [8]])
-    >>> ids.tolist(), mask.int().tolist()
-    ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
-    """
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    key_mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        if len(prompt) > 0:
-            ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-            key_mask[row, longest - len(prompt) :] = True
-    return ids, key_mask
 
 
 @torch.inference_mode()

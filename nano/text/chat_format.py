@@ -53,6 +53,16 @@ def special_id(tokenizer, name: str) -> int:
         ) from None
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that fills the short rows of a batch (nano/text/padding.py): <pad>, 0 with nano's tokenizer.
+
+    Padding is never read as text (a mask or a length hides it), so a tokenizer without <pad> (your
+    own, perhaps) pads with 0 instead of failing. (An exported model must name its real <pad>:
+    nano/checkpoints/export.py asks special_id, which refuses a tokenizer without one.)
+    """
+    return getattr(tokenizer, "special_tokens", {}).get("<pad>", 0)
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Ids that end generation: [<end_of_turn>, <eos>] -> [4, 1] with nano's tokenizer."""
     return [special_id(tokenizer, name) for name in STOP_TOKENS]

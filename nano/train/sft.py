@@ -34,7 +34,7 @@ from nano.text.chat_format import IGNORE_INDEX
 from nano.model.lora import trainable_parameter_summary
 from nano.checkpoints.checkpoint import load_model, load_tokenizer
 from nano.eval.evaluate import evaluate_model, load_task
-from nano.train.trainer import Task, TrainConfig, TrainResult, row_generator, train
+from nano.train.trainer import EXAMPLE_ORDER, Task, TrainConfig, TrainResult, shuffled_index, train
 
 @dataclass
 class SFTConfig(TrainConfig):
@@ -50,17 +50,6 @@ class SFTConfig(TrainConfig):
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
     eval_every: int = field(default=100, metadata={"help": "steps between evaluations and checkpoints"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay (matrices only)"})
-
-
-def conversation_index(seed: int, step: int, row: int, batch_size: int, n: int) -> int:
-    """Which conversation row `row` of step `step` reads: epochs of shuffled order, no state needed.
-
-    Position p = step * batch_size + row in an endless stream; epoch p // n uses its own permutation.
-    """
-    position = step * batch_size + row
-    epoch, offset = divmod(position, n)
-    perm = torch.randperm(n, generator=row_generator(seed, epoch, -1))
-    return int(perm[offset])
 
 
 def math_accuracy(model, tokenizer, limit: int, out_jsonl: Path | None = None) -> dict:
@@ -120,7 +109,7 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
     val_rows = val_ids[: cfg.eval_batches * cfg.micro_batch_size].tolist()
 
     def make_batch(step, rows, device):
-        picks = [train_set[train_ids[conversation_index(cfg.seed, step, r, cfg.batch_size, len(train_ids))]]
+        picks = [train_set[train_ids[shuffled_index(cfg.seed, step * cfg.batch_size + r, len(train_ids), EXAMPLE_ORDER)]]
                  for r in rows]
         return sft_batch(picks, max_len=max_len, pack=cfg.pack, device=device)
 

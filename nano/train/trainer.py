@@ -369,6 +369,24 @@ def row_generator(seed: int, step: int, row: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 10_007 + row)
 
 
+# The shuffled orders that shuffled_index draws, each from its own stream of random numbers (the
+# `row` of row_generator: negative, so never a batch row's generator)
+EXAMPLE_ORDER = -1  # SFT conversations (lessons 5-7), preference pairs (lessons 8-9)
+PROMPT_ORDER = -2  # the RL prompts of each rollout buffer (lessons 10-11)
+
+
+def shuffled_index(seed: int, position: int, n: int, order: int) -> int:
+    """Which of n examples position `position` of an endless stream reads: epochs of shuffled order, no state needed.
+
+    Epoch position // n uses its own permutation of the n examples, drawn from row_generator(seed,
+    epoch, order); so a resumed run reads exactly what the uninterrupted one would have. The position
+    is step * batch_size + row for a batch, buffer * prompts_per_buffer + i for RL prompts.
+    """
+    epoch, offset = divmod(position, n)
+    perm = torch.randperm(n, generator=row_generator(seed, epoch, order))
+    return int(perm[offset])
+
+
 def autocast_dtype(cfg: TrainConfig, device: str) -> torch.dtype:
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype)
