@@ -38,7 +38,10 @@ def scalar(value: float) -> torch.Tensor:
     numbers without them. Dozens of such constants per token add up at this size."""
     tensor = _SCALARS.get(value)
     if tensor is None:
-        tensor = _SCALARS[value] = torch.tensor(value, dtype=torch.float32)
+        # a normal tensor even when first asked for inside torch.inference_mode (generation): an
+        # inference tensor cached here would break every later training step that multiplies by it
+        with torch.inference_mode(False):
+            tensor = _SCALARS[value] = torch.tensor(value, dtype=torch.float32)
     return tensor
 
 
