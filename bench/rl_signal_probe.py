@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 from nano.common.fileio import read_jsonl  # noqa: E402
-from nano.common.paths import raw_dir, runs_dir  # noqa: E402
+from nano.common.paths import SFT_CHECKPOINT, raw_dir, runs_dir  # noqa: E402
 from nano.text.chat_format import render_prompt, render_response  # noqa: E402
 from nano.align.grpo import step_credit_tensor  # noqa: E402
 from nano.align.online_rl import greedy_answers, load_prompt_sets  # noqa: E402
-from nano.align.rollout import SFT_CHECKPOINT, load_policy, math_rewards, pack_responses, response_logprobs, sample_responses  # noqa: E402
+from nano.align.rollout import load_policy, math_rewards, pack_responses, response_logprobs, sample_responses  # noqa: E402
 
 
 def token_weights(source: str, policy, train_prompts, gold: list[dict], args, rng: random.Random, step: int):

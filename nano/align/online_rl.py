@@ -30,7 +30,7 @@ import torch
 
 from nano.common.config import save_config
 from nano.common.fileio import append_jsonl, read_jsonl, save_checkpoint, write_json
-from nano.common.paths import runs_dir
+from nano.common.paths import REWARD_MODEL, RunPaths, input_path
 from nano.common.plot import line_chart, write_svg
 from nano.text.bins import PreferenceDataset, load_rl_prompts
 from nano.model.lora import merge_lora, save_adapter
@@ -40,8 +40,6 @@ from nano.train.trainer import Task, row_generator, train
 from nano.align.reward_model import load_reward_model
 from nano.align.rollout import (PolicyConfig, Rollout, begin_run, check_answers, group_std, load_policy, math_rewards, policy_state_for_saving,
                           response_logprobs, sample_responses)
-
-REWARD_MODEL = "rm/default/checkpoints/ckpt_best.pth"  # lesson 8's reward model, under runs/
 
 
 @dataclass
@@ -141,7 +139,7 @@ class Scorer:
     def __init__(self, kind: str, tokenizer: Any, reward_model_path: str | Path = ""):
         self.kind, self.rm = kind, None
         if kind == "rm":
-            self.rm = load_reward_model(reward_model_path or runs_dir() / REWARD_MODEL, tokenizer.fingerprint())
+            self.rm = load_reward_model(input_path(reward_model_path, REWARD_MODEL), tokenizer.fingerprint())
 
     def check(self, prompts: PromptSet) -> None:
         """Fail before any sampling when the reward cannot grade these prompts."""
@@ -226,7 +224,8 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
         train_prompts = train_prompts.subset(range(min(cfg.train_prompts, len(train_prompts))))
     scorer = Scorer(cfg.reward, tokenizer, cfg.reward_model_path)
     scorer.check(train_prompts)
-    run_dir = runs_dir() / stage / f"{method.name}-{cfg.run_name}"
+    run = RunPaths.of(stage, cfg.run_name, method=method.name)
+    run_dir = run.dir
     trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     print(f"policy: {policy.description}; {trainable:,} trainable parameters")
     print(f"prompts: {len(train_prompts):,} {cfg.prompts} for training, {len(val_prompts)} held out; reward: {cfg.reward}")
@@ -255,7 +254,7 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
 
     # 3. the rollout buffer: sampled at the first step of each group of steps_per_rollout steps
     state: dict[str, Any] = {"group": None, "buffer": None, "stats": {}}
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run.metrics
 
     def flush_stats(step: int) -> None:
         """Log the stats gathered over step `step` (reward, KL, clipping, ...) as one metrics line."""
@@ -324,16 +323,16 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     flush_stats(cfg.steps - 1)
 
     # 4. the best checkpoint (by held-out reward), graded on the test problems; curves; report
-    best = load_checkpoint(run_dir / "checkpoints" / "ckpt_best.pth")
+    best = load_checkpoint(run.best)
     model.load_state_dict(best["model"])
     actor = method.policy_of(model)
     if policy.lora:  # the adapter alone: a small file for --adapter_path (lessons 12 and 13)
-        path = save_adapter(actor, run_dir / "adapter.pth", policy.identity)
+        path = save_adapter(actor, run.adapter, policy.identity)
         print(f"adapter: {path} (on --checkpoint_path {start}{' --quantize' if cfg.quantize else ''})")
     # the policy alone as plain weights (no value head, adapters merged): what load_model, lesson 12
     # and lesson 13 read; ckpt_best.pth / ckpt_last.pth keep the whole training state for --resume
     plain = merge_lora(copy.deepcopy(actor)) if policy.lora else actor
-    save_checkpoint(run_dir / "checkpoints" / "policy_best.pth",
+    save_checkpoint(run.policy,
                     {"model": plain.state_dict(), "step": best["step"], "val_reward": best.get("best_value"), **extra})
     after_test = math_accuracy(actor, tokenizer, n_test, run_dir / "tinymath_samples.jsonl") if n_test else {}
     practised_after = float(greedy_reward(model, train_prompts)[1].mean()) if cfg.train_prompts else None
@@ -346,7 +345,7 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
         "tinymath_n": after_test.get("n"), "practised_reward_before": practised_before,
         "practised_reward_after": practised_after, "seconds": round(time.time() - t0, 1),
     }
-    write_json(run_dir / "report.json", report)
+    write_json(run.report, report)
     print(f"\nheld-out reward ({len(val_prompts)} validation prompts, greedy): before {before_val['val_reward']:.3f} -> "
           f"best {result.best_value:.3f} at step {best['step']}")
     if cfg.train_prompts:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from nano.common.config import print_config
-from nano.common.paths import runs_dir
+from nano.common.paths import SFT_CHECKPOINT, input_path
 from nano.text.chat_format import stop_token_ids
 from nano.model.generate import generate_batch
 from nano.model.lora import inject_lora, load_adapter
@@ -41,7 +41,6 @@ from nano.checkpoints.loading import quantize_base
 from nano.eval.evaluate import is_correct
 from nano.train.trainer import TrainConfig
 
-SFT_CHECKPOINT = "sft/full/default/checkpoints/ckpt_best.pth"  # lesson 5's model, under runs/: where 8-11 start
 
 @dataclass
 class PolicyConfig(TrainConfig):
@@ -63,7 +62,7 @@ def begin_run(cfg: Any) -> Path:
     if cfg.threads > 0:  # 0: torch's default, every core. On a quiet machine two threads halve a step
         torch.set_num_threads(cfg.threads)  # (whole answers make big batches); next to a busy program
         # they wait for each other at every operation: pass 1 then
-    return Path(cfg.checkpoint_path) if cfg.checkpoint_path else runs_dir() / SFT_CHECKPOINT
+    return input_path(cfg.checkpoint_path, SFT_CHECKPOINT)
 
 
 # ---------------------------------------------------------------------------------------------
