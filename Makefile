@@ -95,8 +95,8 @@ lesson-13: $(call done,4) ## chat in the terminal (make lesson-13 ARGS='--prompt
 lesson-14: $(call done,4) ## serving: paged KV cache, continuous batching, OpenAI-style API, chat page
 	@$(call run_lesson,14,$(ARGS))
 
-export_sft = echo "==> python -m nano.checkpoints.export $(SFT) $(EXPORT_DIR)"; \
-	$(PY) -m nano.checkpoints.export $(SFT) $(EXPORT_DIR) --force && touch $(DONE)/export
+export_sft = echo "==> python -m nano.checkpoints.export --checkpoint_path $(SFT) --out_dir $(EXPORT_DIR) --force"; \
+	$(PY) -m nano.checkpoints.export --checkpoint_path $(SFT) --out_dir $(EXPORT_DIR) --force && touch $(DONE)/export
 export: $(call done,5) ## the fine-tuned model as a Hugging Face folder (runs/export/sft-full/)
 	@$(export_sft)
 $(DONE)/export: $(call done,5)
@@ -123,4 +123,4 @@ bench: setup ## speed benchmarks: tables measured side by side on this machine, 
 	@echo "==> summary (runs/bench/results.jsonl)"; $(PY) bench/results.py
 
 clean: ## remove generated data and runs (keeps .venv; `rm -rf .venv` for that)
-	rm -rf data/raw data/tokenizer data/bins runs
+	rm -rf data/raw data/tokenizer data/bins data/fast-dev-run runs

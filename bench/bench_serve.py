@@ -40,8 +40,8 @@ from nano.model.gemma import GemmaNano, model_config  # noqa: E402
 from nano.model.generate import generate  # noqa: E402
 from nano.model.nf4 import quantize_model  # noqa: E402
 from nano.serve.engine import Engine  # noqa: E402
-from nano.serve.sequence import SamplingParams  # noqa: E402
 from nano.serve.kv_cache import memory_table  # noqa: E402
+from nano.serve.sequence import SamplingParams  # noqa: E402
 from results import record  # noqa: E402  (bench/results.py: the summary table of make bench)
 
 PROMPT_LEN = 32

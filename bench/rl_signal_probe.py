@@ -31,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 from nano.common.fileio import read_jsonl  # noqa: E402
-from nano.common.paths import raw_dir, runs_dir  # noqa: E402
+from nano.common.paths import SFT_CHECKPOINT, raw_dir, runs_dir  # noqa: E402
 from nano.text.chat_format import pad_token_id, render_prompt, render_response  # noqa: E402
 from nano.align.grpo import step_credit_tensor  # noqa: E402
-from nano.align.online_rl import greedy_answers, load_prompt_sets  # noqa: E402
 from nano.align.logprobs import response_logprobs  # noqa: E402
-from nano.align.policy import SFT_CHECKPOINT, load_policy  # noqa: E402
+from nano.align.online_rl import greedy_answers, load_prompt_sets  # noqa: E402
+from nano.align.policy import load_policy  # noqa: E402
 from nano.align.rollout import math_rewards, pack_responses, sample_responses  # noqa: E402
 
 

@@ -6,7 +6,7 @@ Lesson 0: data. Write everything the later lessons read into data/raw/, offline 
     python lessons/00_data.py --source tinystories --data_limit_mb 100   # real TinyStories (download)
     python lessons/00_data.py --source path/to/stories.txt         # a local TinyStories-format file
     python lessons/00_data.py --gsm8k download                     # also fetch GSM8K for lesson 12
-    python lessons/00_data.py --fast_dev_run                       # tiny counts, a smoke test
+    python lessons/00_data.py --fast_dev_run                       # tiny counts, a smoke test (data/fast-dev-run/raw/)
 
 Stories come from `--source` (built in: nano/data/stories.py); TinyMath (nano/data/tinymath.py), conversations
 and preference pairs (nano/data/synthetic.py) and RL prompts always come from the built-in generator,
@@ -57,6 +57,7 @@ class DataConfig:
     gsm8k: str = field(default="", metadata={"help": "'' (none: lesson 12 uses TinyMath only), 'download', or a path to GSM8K jsonl (test.jsonl, or a folder with test/train.jsonl)"})
     fast_dev_run: bool = field(default=False, metadata={"help": "tiny counts for a smoke test (a few hundred stories)"})
     force: bool = field(default=False, metadata={"help": "regenerate even if data/raw already matches these arguments"})
+    out_dir: str = field(default="", metadata={"help": "where to write ('' = data/raw/, or data/fast-dev-run/raw/ for a smoke test: never over the real data)"})
 
     def __post_init__(self):
         for name in ("stories", "val_stories", "conversations", "val_conversations", "tinymath_train", "tinymath_test",
@@ -241,13 +242,14 @@ GENERATOR_MODULES = (world, stories, story_files, tinymath, synthetic)
 
 
 def run_arguments(cfg: DataConfig) -> dict:
-    """What makes two runs the same: every field but `force`, and the generator's code.
+    """What makes two runs the same: every field but `force` and `out_dir`, and the generator's code.
 
     The generator's fingerprint (a hash of the GENERATOR_MODULES' source) is part of it, so editing
     the generator and rerunning regenerates the data instead of keeping what the old code wrote.
     """
     args = config_to_dict(cfg)
     args.pop("force")
+    args.pop("out_dir")  # where the files go does not change what they hold
     source = b"".join(Path(module.__file__).read_bytes() for module in GENERATOR_MODULES)
     args["generator"] = hashlib.sha256(source).hexdigest()[:12]
     return args
@@ -260,7 +262,7 @@ def _files_intact(raw: Path, files: dict) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(DataConfig, argv)
     print_config(cfg)
-    raw = paths.raw_dir()
+    raw = Path(cfg.out_dir) if cfg.out_dir else paths.raw_dir(fast_dev_run=cfg.fast_dev_run)
     raw.mkdir(parents=True, exist_ok=True)
     manifest_path, progress_path = raw / "manifest.json", raw / ".progress.json"
     args = run_arguments(cfg)

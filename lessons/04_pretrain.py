@@ -3,7 +3,7 @@ Lesson 4: pretraining. A randomly initialised Gemma-2 Nano learns to write stori
 the next token, over and over, on the token bins of lesson 2.
 
     make lesson-4                                   # tiny preset, built-in stories, a few CPU minutes
-    python lessons/04_pretrain.py --fast_dev_run    # a handful of steps, end to end
+    python lessons/04_pretrain.py --fast_dev_run    # a handful of steps, end to end (runs/pretrain/fast-dev-run/)
     python lessons/04_pretrain.py --resume          # continue runs/pretrain/default/ where it stopped
     make lesson-4 NPROC=2                           # data parallel: 2 processes (torchrun, gloo on CPU)
     python lessons/04_pretrain.py --config 04_pretrain_nano_gpu   # the nano preset on a GPU
@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from nano.common.config import parse_config, print_config, save_config
-from nano.common.paths import runs_dir
+from nano.common.config import parse_config, print_config, save_config, set_threads
+from nano.common.paths import RunPaths
 from nano.text.bins import load_pretrain_tokens
 from nano.model.gemma import GemmaNano, model_config
 from nano.model.generate import generate
@@ -41,6 +41,12 @@ class PretrainConfig(TrainConfig):
     micro_batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (small models like it high)"})
     eval_every: int = field(default=100, metadata={"help": "steps between evaluations and checkpoints"})
+    samples: int = field(default=3, metadata={"help": "stories written at each evaluation (samples.txt)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fast_dev_run:
+            self.samples = min(self.samples, 1)
 
 
 def flops_per_token(cfg, n_params: int) -> float:
@@ -53,10 +59,11 @@ def flops_per_token(cfg, n_params: int) -> float:
     return 6 * n_params + 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * cfg.context_len
 
 
-def main() -> None:
-    cfg = parse_config(PretrainConfig)
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(PretrainConfig, argv)
     print_config(cfg)
     torch.manual_seed(cfg.seed)
+    set_threads(cfg.threads)
 
     # 1. the tokenizer and the token streams (np.memmap: the file stays on disk, pages load on use)
     tokenizer = load_tokenizer()
@@ -71,12 +78,12 @@ def main() -> None:
     model = GemmaNano(mcfg)
     T = mcfg.context_len
     n_params = model.num_params()
-    run_dir = runs_dir() / "pretrain" / cfg.run_name
+    run = RunPaths.of("pretrain", cfg.run_name)
     print(f"model: {cfg.model} preset, {n_params / 1e6:.2f}M parameters, context {T}")
     print(f"data: {len(train_tokens):,} train tokens, {len(val_tokens):,} val tokens")
     print(f"tokens per optimizer step: {cfg.batch_size} x {T} = {cfg.batch_size * T:,}")
-    print(f"writing to {run_dir}")
-    save_config(cfg, run_dir)
+    print(f"writing to {run.dir}")
+    save_config(cfg, run.dir)
 
     # 3. what this lesson brings to the shared loop
     def make_batch(step: int, rows: list[int], device: str):
@@ -110,13 +117,13 @@ def main() -> None:
                 checkpoint_extra={"model_config": asdict(mcfg), "tokenizer_fingerprint": tokenizer.fingerprint()})
 
     # 4. train, then say what happened
-    result = train(model, cfg, run_dir, task)
+    result = train(model, cfg, run.dir, task)
     if result.last_eval:  # only rank 0 evaluated
         print(f"\ndone: {result.tokens_seen:,} tokens in {result.seconds:.0f} s "
               f"({result.tokens_per_s:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%)")
         print(f"final val loss {result.last_eval['val_loss']:.4f} nats/token, "
               f"{result.last_eval['val_bpb']:.4f} bits/byte; best val loss {result.best_value:.4f}")
-        print(f"checkpoints: {run_dir / 'checkpoints'}; curve: {run_dir / 'loss.svg'}")
+        print(f"checkpoints: {run.checkpoints}; curve: {run.loss_plot}")
         for i, text in enumerate(sample(model.eval())):
             print(f"\n--- sample {i + 1} ---\n{text}")
 

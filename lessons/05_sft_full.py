@@ -3,7 +3,7 @@ Lesson 5: full supervised fine-tuning. The story-writer of lesson 4 learns to fo
 and to solve TinyMath word problems step by step, every one of its weights free to change.
 
     make lesson-5                                  # tiny preset, a few CPU minutes
-    python lessons/05_sft_full.py --fast_dev_run   # a handful of steps, end to end
+    python lessons/05_sft_full.py --fast_dev_run   # a handful of steps, end to end (runs/sft/full/fast-dev-run/)
     python lessons/05_sft_full.py --resume         # continue runs/sft/full/default/
 
 The batches, the masked loss and the before/after TinyMath grading are shared with lessons 6 and 7
@@ -14,8 +14,8 @@ from nano.common.config import parse_config
 from nano.train.sft import SFTConfig, run_sft
 
 
-def main() -> None:
-    cfg = parse_config(SFTConfig)
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(SFTConfig, argv)
     run_sft(cfg, stage="sft/full", prepare=lambda model: model, describe="full fine-tuning")
 
 

@@ -5,7 +5,7 @@ B (out x r), r much smaller than the layer's width.
 
     make lesson-6                                  # tiny preset, a few CPU minutes
     python lessons/06_sft_lora.py --r 4 --alpha 8  # another rank
-    python lessons/06_sft_lora.py --fast_dev_run
+    python lessons/06_sft_lora.py --fast_dev_run   # a handful of steps (runs/sft/peft/lora/fast-dev-run/)
 
 Writes runs/sft/peft/lora/default/adapter.pth: only A and B of every adapted layer plus the
 settings and the identity of the base — a small file that `--adapter_path` puts on top of the
@@ -31,15 +31,15 @@ class LoRASFTConfig(SFTConfig):
     lr: float = field(default=1e-2, metadata={"help": "peak learning rate (adapters start at zero: a high rate is fine)"})
 
 
-def main() -> None:
-    cfg = parse_config(LoRASFTConfig)
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(LoRASFTConfig, argv)
 
     def prepare(model):  # run_sft prints the trainable share right after this
         inject_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.targets, rslora=cfg.rslora)
         return model
 
     run = run_sft(cfg, stage="sft/peft/lora", prepare=prepare, describe=f"LoRA r={cfg.r} alpha={cfg.alpha:g}")
-    path = save_adapter(run.model, run.run_dir / "adapter.pth", base_identity(run.base_checkpoint))
+    path = save_adapter(run.model, run.paths.adapter, base_identity(run.base_checkpoint))
     print(f"adapter: {path} ({path.stat().st_size / 1024:.0f} KiB; the base checkpoint is untouched)")
 
 

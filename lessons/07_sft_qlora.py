@@ -5,7 +5,7 @@ weight instead of 32; the adapters, the only trainable part, stay in full precis
 
     make lesson-7
     python lessons/07_sft_qlora.py --double_quant false    # 4.5 bits per weight instead of ~4.127
-    python lessons/07_sft_qlora.py --fast_dev_run
+    python lessons/07_sft_qlora.py --fast_dev_run           # a handful of steps (runs/sft/peft/qlora/fast-dev-run/)
 
 First it prints what quantization costs and saves: model memory for fp32 / bf16 / NF4 / NF4 with
 double quantization, and the error NF4 makes on this model's weights. Then it fine-tunes exactly
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nano.common.config import parse_config
-from nano.common.paths import BASE_CHECKPOINT, runs_dir
+from nano.common.paths import BASE_CHECKPOINT, input_path
 from nano.model.lora import inject_lora, save_adapter
 from nano.model.nf4 import bits_per_parameter, model_weight_bytes, quantization_error, quantize_model, quantize_nf4
 from nano.model.targets import DEFAULT_TARGETS, name_matches, parse_targets
@@ -84,12 +84,12 @@ def error_table(model: torch.nn.Module, targets: tuple[str, ...], blocksize: int
           f"worst layer {worst[0]} at {worst[1]['relative_rms']:.1%}")
 
 
-def main() -> None:
-    cfg = parse_config(QLoRASFTConfig)
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(QLoRASFTConfig, argv)
     targets = parse_targets(cfg.targets)
 
     # 1. what 4 bits cost and save, on the base model itself
-    base, _ = load_model(cfg.base_checkpoint or runs_dir() / BASE_CHECKPOINT)
+    base, _ = load_model(input_path(cfg.checkpoint_path, BASE_CHECKPOINT))
     memory_table(base, targets, cfg.blocksize)
     error_table(base, targets, cfg.blocksize, cfg.double_quant)
     del base
@@ -103,7 +103,7 @@ def main() -> None:
     run = run_sft(cfg, stage="sft/peft/qlora", prepare=prepare, describe=f"QLoRA r={cfg.r} alpha={cfg.alpha:g}")
     identity = {**base_identity(run.base_checkpoint),
                 "quantization": f"nf4, block {cfg.blocksize}, double_quant {cfg.double_quant}"}
-    path = save_adapter(run.model, run.run_dir / "adapter.pth", identity)
+    path = save_adapter(run.model, run.paths.adapter, identity)
     print(f"adapter: {path} ({path.stat().st_size / 1024:.0f} KiB); use it on the base with --quantize "
           f"(it was trained against the 4-bit weights)")
 

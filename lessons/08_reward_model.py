@@ -4,7 +4,7 @@ lesson 0's preference pairs (a good answer vs the same answer with one flaw), it
 good one higher (nano/align/reward_model.py: Bradley-Terry loss on the last token's score).
 
     make lesson-8                                     # starts from lesson 5's model; ~1-2 CPU minutes
-    python lessons/08_reward_model.py --fast_dev_run
+    python lessons/08_reward_model.py --fast_dev_run  # a handful of steps (runs/rm/fast-dev-run/)
     python lessons/08_reward_model.py --resume        # continue runs/rm/default/
 
 Writes runs/rm/default/: checkpoints/ckpt_best.pth (lowest held-out loss; PPO's `--reward rm` reads
@@ -20,15 +20,15 @@ import torch
 
 from nano.common.config import parse_config, save_config
 from nano.common.fileio import write_json
-from nano.common.paths import runs_dir
+from nano.common.paths import SFT_CHECKPOINT, RunPaths
 from nano.common.plot import line_chart, write_svg
 from nano.text.bins import PreferenceDataset
 from nano.text.chat_format import pad_token_id
 from nano.checkpoints.checkpoint import load_checkpoint, load_tokenizer
 from nano.eval.grading import accuracy_with_stderr
 from nano.train.trainer import EXAMPLE_ORDER, Task, TrainConfig, shuffled_index, train
+from nano.align.policy import begin_run
 from nano.align.reward_model import RewardModel, bradley_terry_loss, pair_batch, reward_model_extra
-from nano.align.policy import SFT_CHECKPOINT, begin_run
 
 
 @dataclass
@@ -43,12 +43,10 @@ class RMConfig(TrainConfig):
     warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay (matrices only)"})
     eval_every: int = field(default=40, metadata={"help": "steps between evaluations and checkpoints"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default, every core: batches of whole answers are big enough to share)"})
-    samples: int = field(default=0, metadata={"help": "(no text samples: a reward model does not write)"})
 
 
-def main() -> None:
-    cfg = parse_config(RMConfig)
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(RMConfig, argv)
     start = begin_run(cfg)
     t0 = time.time()
 
@@ -64,12 +62,12 @@ def main() -> None:
         raise ValueError(f"no preference pair fits in max_len {max_len} tokens: raise --max_len")
     if cfg.fast_dev_run:
         val_ids = val_ids[: cfg.eval_batches * cfg.micro_batch_size]
-    run_dir = runs_dir() / "rm" / cfg.run_name
+    run = RunPaths.of("rm", cfg.run_name)
     print(f"backbone: {start} (step {ckpt.get('step')}) + a linear head d_model -> 1")
     print(f"pairs: {len(train_ids):,} train, {len(val_ids):,} held out (longer than {max_len} tokens skipped: "
           f"{len(train_set) - len(train_ids)} / {len(val_set) - len(val_ids)})")
-    print(f"writing to {run_dir}")
-    save_config(cfg, run_dir)
+    print(f"writing to {run.dir}")
+    save_config(cfg, run.dir)
 
     # 2. batches, loss and held-out evaluation for the shared loop
     def make_batch(step, rows, device):
@@ -101,10 +99,10 @@ def main() -> None:
                 count_tokens=lambda b: int(b["chosen_len"].sum() + b["rejected_len"].sum()),
                 checkpoint_extra=reward_model_extra(rm, tokenizer.fingerprint(), str(start)))
     rm.train()
-    result = train(rm, cfg, run_dir, task)
+    result = train(rm, cfg, run.dir, task)
 
     # 3. the best checkpoint on the held-out pairs: accuracy overall and per flaw, score distributions
-    rm.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "ckpt_best.pth")["model"])
+    rm.load_state_dict(load_checkpoint(run.best)["model"])
     rm.eval()
     with torch.no_grad():
         s = score_val(rm)
@@ -114,18 +112,18 @@ def main() -> None:
         picks = np.array([f == flaw for f in s["flaws"]])
         per_flaw[flaw] = {"accuracy": float(right[picks].mean()), "n": int(picks.sum())}
     accuracy, stderr = accuracy_with_stderr(right.tolist())
-    write_svg(run_dir / "scores.svg", histogram({"chosen": s["chosen"].tolist(), "rejected": s["rejected"].tolist()},
+    write_svg(run.dir / "scores.svg", histogram({"chosen": s["chosen"].tolist(), "rejected": s["rejected"].tolist()},
                                                  title="reward model scores on held-out pairs"))
     report = {"val_accuracy": accuracy, "val_accuracy_stderr": stderr, "n": len(right), "per_flaw": per_flaw,
               "val_loss": result.best_value, "chosen_mean": float(s["chosen"].mean()),
               "rejected_mean": float(s["rejected"].mean()), "seconds": round(time.time() - t0, 1)}
-    write_json(run_dir / "report.json", report)
+    write_json(run.report, report)
     print(f"\nheld-out pairwise accuracy: {accuracy:.1%} (± {stderr:.1%}) on {len(right)} pairs")
     for flaw, r in per_flaw.items():
         print(f"  {flaw:<14} {r['accuracy']:6.1%}  ({r['n']} pairs)")
     print(f"mean score: chosen {report['chosen_mean']:+.2f}, rejected {report['rejected_mean']:+.2f} "
-          f"(histogram: {run_dir / 'scores.svg'})")
-    print(f"took {report['seconds']:.0f} s; report in {run_dir / 'report.json'}")
+          f"(histogram: {run.dir / 'scores.svg'})")
+    print(f"took {report['seconds']:.0f} s; report in {run.report}")
 
 
 def histogram(samples: dict[str, list[float]], title: str, bins: int = 24) -> str:

@@ -9,7 +9,7 @@ itself (the reference), than its rejected twin (nano/align/dpo.py).
     python lessons/09_dpo.py --lora_r 0 --lr 1e-4       # every weight trains (default: a LoRA adapter, r 8)
     python lessons/09_dpo.py --quantize                 # the adapter trains beside a 4-bit base (QLoRA)
     python lessons/09_dpo.py --pairs own                # on-policy pairs: the model's own answers, labelled by nano/align/flaws.py
-    python lessons/09_dpo.py --fast_dev_run
+    python lessons/09_dpo.py --fast_dev_run             # a handful of steps (runs/rlhf/offline/dpo-fast-dev-run/)
 
 Before and after, on held-out data: the implicit-reward preference accuracy on the held-out pairs;
 the share of the model's OWN sampled answers to the held-out prompts that show each flaw (checked
@@ -27,7 +27,7 @@ import torch
 from nano.common.config import parse_config, save_config
 from nano.common.fileio import save_checkpoint
 from nano.common.fileio import read_jsonl, write_json, write_jsonl
-from nano.common.paths import raw_dir, require, runs_dir
+from nano.common.paths import RunPaths, raw_dir, require
 from nano.text.bins import PreferenceDataset, prompt_and_reply
 from nano.text.chat_format import pad_token_id
 from nano.model.lora import merge_lora, save_adapter
@@ -60,7 +60,6 @@ class DPOConfig(PolicyConfig):
     schedule: str = field(default="constant", metadata={"help": "lr schedule after warm-up", "choices": ["cosine", "constant"]})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay (matrices only)"})
     eval_every: int = field(default=20, metadata={"help": "steps between evaluations and checkpoints"})
-    samples: int = field(default=0, metadata={"help": "(answers are sampled before and after instead)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,8 +67,8 @@ class DPOConfig(PolicyConfig):
             self.flaw_prompts, self.flaw_samples, self.eval_problems = 8, 1, 0
 
 
-def main() -> None:
-    cfg = parse_config(DPOConfig)
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(DPOConfig, argv)
     start = begin_run(cfg)
     t0 = time.time()
 
@@ -86,11 +85,11 @@ def main() -> None:
     pairs_path = require(raw_dir() / "preferences_val.jsonl", "held-out preference pairs", 0)
     held_out = read_jsonl(pairs_path)[: cfg.flaw_prompts]
     prompts, infos = [p["prompt"] for p in held_out], [prompt_info_of(p) for p in held_out]
-    run_dir = runs_dir() / "rlhf" / "offline" / f"dpo-{cfg.run_name}"
+    run = RunPaths.of("rlhf/offline", cfg.run_name, method="dpo")
     print(f"policy: {policy.description}; reference: a frozen copy of it")
     print(f"pairs: {len(train_ids):,} train, {len(val_ids)} held out; {len(prompts)} held-out prompts x "
-          f"{cfg.flaw_samples} samples for the flaw count; writing to {run_dir}")
-    save_config(cfg, run_dir)
+          f"{cfg.flaw_samples} samples for the flaw count; writing to {run.dir}")
+    save_config(cfg, run.dir)
 
     # 2. the loss on a batch of pairs, and the held-out implicit-reward accuracy
     def pair_stats(model, batch) -> tuple[torch.Tensor, dict]:
@@ -116,7 +115,7 @@ def main() -> None:
         sides = own_pairs(model, tokenizer, [rows[i]["prompt"] for i in used], [prompt_info_of(rows[i]) for i in used],
                           cfg.own_samples, cfg.flaw_temperature, seed=cfg.seed + 1)
         own = dict(zip(used, sides))
-        write_jsonl(run_dir / "own_pairs.jsonl", [{"prompt": rows[i]["prompt"], "chosen": c and tokenizer.decode(c),
+        write_jsonl(run.dir / "own_pairs.jsonl", [{"prompt": rows[i]["prompt"], "chosen": c and tokenizer.decode(c),
                                                    "rejected": r and tokenizer.decode(r)} for i, (c, r) in own.items()])
         print(f"own pairs: {len(used)} prompts x {cfg.own_samples} answers: a clean answer of its own for "
               f"{sum(c is not None for c, _ in sides)}, a flawed one for {sum(r is not None for _, r in sides)} (own_pairs.jsonl)")
@@ -151,7 +150,7 @@ def main() -> None:
 
     def flaws_now(tag: str) -> dict:
         result = measure_flaws(model, tokenizer, prompts, infos, cfg.flaw_samples, cfg.flaw_temperature, seed=cfg.seed)
-        write_jsonl(run_dir / f"flaws_{tag}.jsonl", result.pop("rows"))
+        write_jsonl(run.dir / f"flaws_{tag}.jsonl", result.pop("rows"))
         return result
 
     # 3. before: preference accuracy (the reference = the policy: exactly 50% ties, loss log 2), flaws, math
@@ -164,25 +163,25 @@ def main() -> None:
     extra = {**policy_state_for_saving(policy), "base_checkpoint": str(start), "method": "dpo"}
     task = Task(make_batch=make_batch, loss=loss, evaluate=evaluate, checkpoint_extra=extra,
                 count_tokens=lambda b: int(b["response_mask"].sum()))
-    result = train(model, cfg, run_dir, task)
+    result = train(model, cfg, run.dir, task)
 
     # 4. after, with the best checkpoint (lowest held-out DPO loss)
-    best = load_checkpoint(run_dir / "checkpoints" / "ckpt_best.pth")
+    best = load_checkpoint(run.best)
     model.load_state_dict(best["model"])
     if policy.lora:  # the adapter alone (small), and below the merged model
-        print(f"adapter: {save_adapter(model, run_dir / 'adapter.pth', policy.identity)}")
+        print(f"adapter: {save_adapter(model, run.adapter, policy.identity)}")
     # the policy as plain weights (adapters merged): what load_model, lessons 12 and 13 read
     plain = merge_lora(copy.deepcopy(model)) if policy.lora else model
-    save_checkpoint(run_dir / "checkpoints" / "policy_best.pth", {"model": plain.state_dict(), "step": best["step"], **extra})
+    save_checkpoint(run.policy, {"model": plain.state_dict(), "step": best["step"], **extra})
     with torch.no_grad():
         after_pairs = evaluate(model)
     after_flaws = flaws_now("after")
-    after_math = math_accuracy(model, tokenizer, n_test, run_dir / "tinymath_samples.jsonl") if n_test else {}
+    after_math = math_accuracy(model, tokenizer, n_test, run.dir / "tinymath_samples.jsonl") if n_test else {}
     report = {"pairs_before": before_pairs, "pairs_after": after_pairs, "flaws_before": before_flaws,
               "flaws_after": after_flaws, "tinymath_before": before_math.get("accuracy"),
               "tinymath_after": after_math.get("accuracy"), "tinymath_stderr": after_math.get("stderr"),
               "best_val_loss": result.best_value, "seconds": round(time.time() - t0, 1)}
-    write_json(run_dir / "report.json", report)
+    write_json(run.report, report)
 
     print(f"\nheld-out pairs ({len(val_ids)}): implicit-reward accuracy {before_pairs['rewards/accuracy']:.1%} -> "
           f"{after_pairs['rewards/accuracy']:.1%}, margin {before_pairs['rewards/margin']:+.3f} -> {after_pairs['rewards/margin']:+.3f}")
@@ -194,7 +193,7 @@ def main() -> None:
     if n_test:
         print(f"TinyMath test ({after_math['n']} problems, greedy): {before_math['accuracy']:.1%} -> "
               f"{after_math['accuracy']:.1%} (± {after_math['stderr']:.1%})")
-    print(f"took {report['seconds']:.0f} s; report in {run_dir / 'report.json'}")
+    print(f"took {report['seconds']:.0f} s; report in {run.report}")
 
 
 if __name__ == "__main__":

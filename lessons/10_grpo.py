@@ -7,7 +7,7 @@ reach the right number are made more likely and the others less, each judged aga
     python lessons/10_grpo.py --aggregation sequence    # per-answer mean (see the doc: length bias)
     python lessons/10_grpo.py --beta 0.04               # k3 KL penalty to the reference
     python lessons/10_grpo.py --lora_r 8                # LoRA adapter only (--quantize: on a 4-bit base)
-    python lessons/10_grpo.py --fast_dev_run
+    python lessons/10_grpo.py --fast_dev_run            # a handful of steps (runs/rlhf/online/grpo-fast-dev-run/)
     python lessons/10_grpo.py --resume                  # continue runs/rlhf/online/grpo-default/
 
 Settings are chosen on a validation split of the RL prompts (the last --val_prompts of them), never
@@ -34,8 +34,8 @@ class GRPOConfig(OnlineRLConfig):
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (of the adapter)"})
 
 
-def main() -> None:
-    cfg = parse_config(GRPOConfig)
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(GRPOConfig, argv)
     run_online_rl(cfg, "rlhf/online", grpo_method(cfg.beta, cfg.aggregation, cfg.clip_eps, cfg.step_credit, cfg.outcome_weight,
                                                  None if cfg.step_penalty < 0 else cfg.step_penalty))
 

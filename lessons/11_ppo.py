@@ -7,7 +7,7 @@ score at its last token, GAE advantages, and several clipped epochs over each bu
     make lesson-11                                     # --reward math: the TinyMath grader
     python lessons/11_ppo.py --reward rm --prompts preferences   # lesson 8's reward model on story prompts
     python lessons/11_ppo.py --lora_r 8                # LoRA adapter only (--quantize: on a 4-bit base)
-    python lessons/11_ppo.py --fast_dev_run
+    python lessons/11_ppo.py --fast_dev_run           # a handful of steps (runs/rlhf/online/ppo-fast-dev-run/)
 
 Writes runs/rlhf/online/ppo-default/: checkpoints/ckpt_best.pth (actor + critic, for --resume),
 checkpoints/policy_best.pth (the policy alone: what lessons 12 and 13 load), metrics.jsonl, rl*.svg,
@@ -33,8 +33,8 @@ class PPOConfig(OnlineRLConfig):
     epochs: int = field(default=2, metadata={"help": "passes over each rollout buffer"})
 
 
-def main() -> None:
-    cfg = parse_config(PPOConfig)
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(PPOConfig, argv)
     run_online_rl(cfg, "rlhf/online", ppo_method(cfg.kl_coef, cfg.clip_eps, cfg.value_clip, cfg.vf_coef, cfg.gamma, cfg.lam))
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from nano.common.config import parse_config, pick_device, print_config, save_config
+from nano.common.config import THREADS_FOR_DECODING, parse_config, pick_device, print_config, save_config, set_threads, threads_field
 from nano.common.fileio import write_json, write_text
 from nano.common.paths import runs_dir
 from nano.common.plot import bar_chart, write_svg
@@ -64,8 +64,7 @@ class EvalConfig:
     val_batch_size: int = field(default=16, metadata={"help": "windows per validation batch"})
     out_dir: str = field(default="", metadata={"help": "where to write ('' = runs/eval, or runs/eval/single for one checkpoint)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (0 = torch's default); see the doc"})
-    seed: int = field(default=0, metadata={"help": "only matters with sampling; evaluation is greedy"})
+    threads: int = threads_field(THREADS_FOR_DECODING)  # generation-bound; the doc measures 0 vs 1
 
 
 # -----------------------------------------------------------------------------------------------
@@ -133,7 +132,7 @@ def evaluate_stage(stage: Stage, tasks: list[str], cfg: EvalConfig, device: str,
             model, tokenizer, task, limit=limit, mode=mode,
             num_fewshot=cfg.num_fewshot if mode == "fewshot" else 0, batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens or TASK_DEFAULTS[task]["max_new_tokens"], out_jsonl=samples,
-            task_file=(cfg.gsm8k_path or None) if task == "gsm8k" else None, seed=cfg.seed, progress=True,
+            task_file=(cfg.gsm8k_path or None) if task == "gsm8k" else None, progress=True,
         )
         rows = result.pop("rows")  # every graded sample; also in the samples file
         result["samples"] = str(samples)
@@ -214,8 +213,7 @@ def write_outputs(rows: list[dict], tasks: list[str], skipped: list[str], cfg: E
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(EvalConfig, argv)
     print_config(cfg)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = pick_device(cfg.device)
     tasks, skipped = choose_tasks(cfg)
 

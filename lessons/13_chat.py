@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from nano.common.config import parse_config, pick_device, print_config
-from nano.common.paths import BASE_CHECKPOINT, runs_dir
+from nano.common.config import THREADS_FOR_DECODING, parse_config, pick_device, print_config, set_threads, threads_field
+from nano.common.paths import BASE_CHECKPOINT, input_path
 from nano.text.chat_format import decode_reply, encode_text, render_prompt, special_id, stop_token_ids
 from nano.model.generate import StreamDecoder, generate
 from nano.checkpoints.checkpoint import load_tokenizer
@@ -44,7 +44,7 @@ class ChatConfig:
     repetition_stop: int = field(default=64, metadata={"help": "stop a reply whose last N tokens loop (0 = off)"})
     seed: int = field(default=0, metadata={"help": "seed of turn 1 (turn t uses seed + t - 1); -1 = a new draw every run"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (decoding one token is latency-bound: 1 is fastest here)"})
+    threads: int = threads_field(THREADS_FOR_DECODING)  # decoding one token at a time is latency-bound
 
 
 HELP = """commands:
@@ -246,13 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     log = sys.stderr if one_shot else sys.stdout
     with contextlib.redirect_stdout(log):
         print_config(cfg)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = pick_device(cfg.device)
 
     # 1. the model: the one asked for, or the newest chat model there is
     if cfg.checkpoint_path or cfg.adapter_path:
-        checkpoint = cfg.checkpoint_path or runs_dir() / BASE_CHECKPOINT
+        checkpoint = input_path(cfg.checkpoint_path, BASE_CHECKPOINT)
         model, info = load_for_inference(checkpoint, cfg.adapter_path or None, quantize=cfg.quantize, device=device)
         chosen = "as asked"
     else:

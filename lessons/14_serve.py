@@ -29,15 +29,14 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from nano.common.config import parse_config, pick_device, print_config
-from nano.common.paths import runs_dir
+from nano.common.config import THREADS_FOR_DECODING, parse_config, pick_device, print_config, set_threads, threads_field
+from nano.common.paths import BASE_CHECKPOINT, input_path
 from nano.text.chat_format import render_prompt, stop_token_ids
-from nano.checkpoints.loading import BASE_CHECKPOINT, STAGES, default_chat_stage, load_for_inference, load_tokenizer
+from nano.checkpoints.checkpoint import load_tokenizer
+from nano.checkpoints.loading import STAGES, default_chat_stage, load_for_inference
 from nano.serve.engine import Engine
-from nano.serve.sequence import SamplingParams
 from nano.serve.kv_cache import memory_table
+from nano.serve.sequence import SamplingParams
 from nano.serve.server import ServedModel, ServerThread, create_app
 
 
@@ -59,14 +58,14 @@ class ServeConfig:
     check_clients: int = field(default=8, metadata={"help": "--self_check: concurrent streaming clients"})
     check_tokens: int = field(default=48, metadata={"help": "--self_check: max_tokens of each client"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (the HTTP threads need the other core)"})
+    threads: int = threads_field(THREADS_FOR_DECODING)  # and the HTTP threads need the other core
 
 
 def load_models(cfg: ServeConfig, device: str) -> dict:
     """{name: (model, tokenizer, description)} for the model asked for and any --also stages."""
     chosen = []
     if cfg.checkpoint_path or cfg.adapter_path:
-        checkpoint = cfg.checkpoint_path or runs_dir() / BASE_CHECKPOINT
+        checkpoint = input_path(cfg.checkpoint_path, BASE_CHECKPOINT)
         chosen.append(("nano", checkpoint, cfg.adapter_path or None, cfg.quantize, "as asked"))
     else:
         stage = default_chat_stage()
@@ -241,8 +240,7 @@ def self_check(name: str, served: ServedModel, cfg: ServeConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(ServeConfig, argv)
     print_config(cfg)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = pick_device(cfg.device)
 
     # 1. the model(s), each with its own engine running in a background thread

@@ -65,7 +65,9 @@ def tiny_pipeline(tmp_path_factory):
     """Lessons 0, 1, 2 and 4 at smoke-test size in a temporary folder, once per test session.
 
     Returns the folder; NANO_DATA_DIR / NANO_RUNS_DIR point there while a test that uses it runs.
-    Later lessons' tests build on it (a tokenizer of 300 tokens, bins, a base checkpoint).
+    Later lessons' tests build on it (a tokenizer of 300 tokens, bins, a base checkpoint). A smoke
+    run writes beside the real one (data/fast-dev-run/, runs/<stage>/fast-dev-run/); here the smoke
+    runs ARE the pipeline, so they are sent where real runs go (--out_dir, --run_name default).
     """
     import os
 
@@ -73,10 +75,11 @@ def tiny_pipeline(tmp_path_factory):
     old = {k: os.environ.get(k) for k in ("NANO_DATA_DIR", "NANO_RUNS_DIR")}
     os.environ["NANO_DATA_DIR"], os.environ["NANO_RUNS_DIR"] = str(root / "data"), str(root / "runs")
     try:
-        run_lesson("00_data", "--fast_dev_run")
+        run_lesson("00_data", "--fast_dev_run", "--out_dir", str(root / "data" / "raw"))
         run_lesson("01_tokenizer", "--vocab_size", "300", "--num_workers", "1")
         run_lesson("02_bins", "--num_workers", "1")
-        run_lesson("04_pretrain", "--fast_dev_run", "--context_len", "64", "--micro_batch_size", "8", "--batch_size", "8")
+        run_lesson("04_pretrain", "--fast_dev_run", "--run_name", "default", "--context_len", "64", "--micro_batch_size", "8",
+                   "--batch_size", "8")
     finally:
         for k, v in old.items():
             if v is None:

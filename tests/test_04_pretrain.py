@@ -82,7 +82,7 @@ def test_load_tokenizer_wants_the_fingerprint_not_the_checkpoint(pipeline_dirs):
 
 def test_resuming_with_another_model_shape_is_refused(pipeline_dirs):
     with pytest.raises(ValueError, match="another model shape"):
-        run_lesson("04_pretrain", "--fast_dev_run", "--model", "nano", "--resume")
+        run_lesson("04_pretrain", "--fast_dev_run", "--model", "nano", "--resume", "--run_name", "default")
 
 
 def test_unknown_flag_names_the_field(pipeline_dirs, capsys):

@@ -52,7 +52,7 @@ def toy_model():
 
 def cfg(**kw):
     base = dict(steps=8, batch_size=8, micro_batch_size=4, lr=0.05, warmup_steps=2, eval_every=3,
-                eval_batches=1, samples=0, device="cpu")
+                eval_batches=1, device="cpu")
     return trainer.TrainConfig(**{**base, **kw})
 
 

@@ -81,7 +81,7 @@ def test_lesson_8_smoke_run_and_tokenizer_check(pipeline_dirs):
                "--micro_batch_size", "4", "--max_len", "1024")  # (the smoke tokenizer has 300 tokens: long ids)
     import json
 
-    run = pipeline_dirs / "runs" / "rm" / "default"
+    run = pipeline_dirs / "runs" / "rm" / "fast-dev-run"
     report = json.loads((run / "report.json").read_text())
     assert 0.0 <= report["val_accuracy"] <= 1.0 and report["n"] > 0
     assert set(report["per_flaw"]) <= {"wrong_number", "missing_word", "broken_off", "repetition"}

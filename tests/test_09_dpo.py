@@ -182,7 +182,7 @@ def test_lesson_9_smoke_run(pipeline_dirs):
     base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
     run_lesson("09_dpo", "--fast_dev_run", "--checkpoint_path", str(base), "--batch_size", "2", "--micro_batch_size", "2", "--sft_weight", "0",
                "--max_len", "1024", "--pairs", "own")
-    run = pipeline_dirs / "runs" / "rlhf" / "offline" / "dpo-default"
+    run = pipeline_dirs / "runs" / "rlhf" / "offline" / "dpo-fast-dev-run"
     own = [json.loads(line) for line in (run / "own_pairs.jsonl").read_text().splitlines()]
     assert own and all(set(row) == {"prompt", "chosen", "rejected"} for row in own)  # --pairs own: the model's answers, labelled
     report = json.loads((run / "report.json").read_text())

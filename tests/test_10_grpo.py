@@ -126,7 +126,7 @@ def test_math_rewards_use_the_grader():
 def test_lesson_10_smoke_run(pipeline_dirs):
     base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
     run_lesson("10_grpo", "--fast_dev_run", "--checkpoint_path", str(base), "--beta", "0.04")
-    run = pipeline_dirs / "runs" / "rlhf" / "online" / "grpo-default"
+    run = pipeline_dirs / "runs" / "rlhf" / "online" / "grpo-fast-dev-run"
     report = json.loads((run / "report.json").read_text())
     assert report["method"] == "grpo" and 0.0 <= report["val_reward_best"] <= 1.0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -69,7 +69,7 @@ def test_one_ppo_step_raises_the_rewarded_answer():
 def test_lesson_11_smoke_run(pipeline_dirs):
     base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
     run_lesson("11_ppo", "--fast_dev_run", "--checkpoint_path", str(base))
-    run = pipeline_dirs / "runs" / "rlhf" / "online" / "ppo-default"
+    run = pipeline_dirs / "runs" / "rlhf" / "online" / "ppo-fast-dev-run"
     report = json.loads((run / "report.json").read_text())
     assert report["method"] == "ppo"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

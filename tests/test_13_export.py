@@ -354,10 +354,19 @@ def test_load_hf_refuses_what_it_cannot_read(runs, tmp_path):
 
 
 def test_command_line(runs, capsys):
+    """Flags like every other command: --checkpoint_path, --out_dir (and the rest of export's arguments)."""
     out = runs["tmp"] / "cli"
-    assert export_mod.main([str(runs_dir() / SFT), str(out), "--dtype", "bfloat16"]) == 0
+    args = ["--checkpoint_path", str(runs_dir() / SFT), "--out_dir", str(out)]
+    assert export_mod.main(args + ["--dtype", "bfloat16"]) == 0
     printed = capsys.readouterr().out
     assert "model.safetensors" in printed and "bfloat16" in printed
-    assert export_mod.main([str(runs_dir() / SFT), str(out)]) == 1  # exists now: refused, with the reason
+    assert export_mod.main(args) == 1  # exists now: refused, with the reason
     assert "--force" in capsys.readouterr().err
-    assert export_mod.main([str(runs_dir() / SFT), str(out), "--force"]) == 0
+    assert export_mod.main(args + ["--force"]) == 0
+    # no flags: lesson 5's model into runs/export/sft-full/, what `make all` exports
+    assert export_mod.main([]) == 0
+    assert (runs_dir() / "export" / "sft-full" / "model.safetensors").is_file()
+    # another checkpoint has no default folder: --out_dir is asked for, not guessed
+    with pytest.raises(SystemExit):
+        export_mod.main(["--checkpoint_path", str(runs_dir() / SFT)])
+    assert "--out_dir" in capsys.readouterr().err

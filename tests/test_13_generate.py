@@ -270,3 +270,22 @@ def test_generation_restores_training_mode(model):
         model.eval()
         hook.remove()
     assert modes_seen and not any(modes_seen)  # every forward pass ran in eval mode
+
+
+def test_training_after_generation_still_works():
+    """RL lessons generate (under torch.inference_mode) and then train the same model. Nothing made
+    during generation may end up in the training graph: a constant cached there (the soft-caps' 0-dim
+    tensors) would be an inference tensor, and the first backward pass would refuse it."""
+    gemma = impl("gemma")
+    torch.manual_seed(0)
+    # soft-caps of values no other test uses, so their constants are first made inside generation
+    cfg = gemma.model_config("tiny", vocab_size=VOCAB, context_len=32, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                             head_dim=16, d_ff=64, sliding_window=8, query_pre_attn_scalar=16.0, attn_impl="eager",
+                             attn_softcap=47.25, final_softcap=28.75)
+    fresh = gemma.GemmaNano(cfg)
+    generate_mod.generate_batch(fresh, [[1, 2, 3], [4]], max_new_tokens=3)
+    ids = torch.tensor([random_prompt(12, seed=1)])
+    fresh.train()
+    logits = fresh.lm_head(fresh.forward_hidden(ids))  # soft-capped logits, as RL scores its answers
+    torch.log_softmax(logits, dim=-1)[0, :-1].gather(-1, ids[0, 1:, None]).mean().backward()
+    assert all(p.grad is not None for p in fresh.parameters() if p.requires_grad)

@@ -22,8 +22,8 @@ serve = load_lesson("14_serve")
 server_mod = impl("server")
 engine_mod = impl("engine")
 from nano.text.chat_format import render_prompt, stop_token_ids  # noqa: E402
-from nano.serve.sequence import SamplingParams  # noqa: E402
 from nano.text.tokenizer import Tokenizer  # noqa: E402
+from nano.serve.sequence import SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.skipif(serve.find_chromium() is None,
                                 reason="Chromium is not installed (apt-get install chromium): the page is not checked")

@@ -28,8 +28,8 @@ from toy_models import CORPUS, small_gemma
 engine_mod = impl("engine")
 generate_mod = impl("generate")
 
-from nano.serve.sequence import SamplingParams  # noqa: E402
 from nano.text.tokenizer import Tokenizer  # noqa: E402
+from nano.serve.sequence import SamplingParams  # noqa: E402
 
 VOCAB = 64
 

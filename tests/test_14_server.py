@@ -32,8 +32,8 @@ from toy_models import CORPUS, small_gemma
 server_mod = impl("server")
 engine_mod = impl("engine")
 from nano.text.chat_format import render_prompt, stop_token_ids  # noqa: E402
-from nano.serve.sequence import SamplingParams  # noqa: E402
 from nano.text.tokenizer import Tokenizer  # noqa: E402
+from nano.serve.sequence import SamplingParams  # noqa: E402
 
 CONTEXT = 512
 

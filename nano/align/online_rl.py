@@ -35,9 +35,10 @@ import torch
 
 from nano.common.config import save_config
 from nano.common.fileio import append_jsonl, read_jsonl, save_checkpoint, write_json
-from nano.common.paths import runs_dir
+from nano.common.paths import REWARD_MODEL, RunPaths, input_path
 from nano.common.plot import line_chart, write_svg
 from nano.text.bins import PreferenceDataset, load_rl_prompts
+from nano.model.generate import eval_mode
 from nano.model.lora import merge_lora, save_adapter
 from nano.checkpoints.checkpoint import load_checkpoint
 from nano.train.sft import math_accuracy
@@ -46,8 +47,6 @@ from nano.align.logprobs import group_std, response_logprobs
 from nano.align.policy import Policy, PolicyConfig, begin_run, load_policy, policy_state_for_saving
 from nano.align.reward_model import load_reward_model
 from nano.align.rollout import Rollout, check_answers, math_rewards, sample_responses
-
-REWARD_MODEL = "rm/default/checkpoints/ckpt_best.pth"  # lesson 8's reward model, under runs/
 
 
 @dataclass
@@ -140,7 +139,7 @@ class Scorer:
     def __init__(self, kind: str, tokenizer: Any, reward_model_path: str | Path = ""):
         self.kind, self.rm = kind, None
         if kind == "rm":
-            self.rm = load_reward_model(reward_model_path or runs_dir() / REWARD_MODEL, tokenizer.fingerprint())
+            self.rm = load_reward_model(input_path(reward_model_path, REWARD_MODEL), tokenizer.fingerprint())
 
     def check(self, prompts: PromptSet) -> None:
         """Fail before any sampling when the reward cannot grade these prompts."""
@@ -197,12 +196,10 @@ class OnlineMethod:
 @torch.no_grad()
 def buffer_logprobs(model: torch.nn.Module, buffer: Rollout, chunk: int = 64) -> torch.Tensor:
     """response_logprobs of a whole buffer without gradients, `chunk` rows at a time, in eval mode: (N, T - 1)."""
-    was_training = model.training
-    model.eval()
     ids, mask = buffer.ids, buffer.response_mask
-    out = torch.cat([response_logprobs(model, ids[i : i + chunk], mask[i : i + chunk])[0] for i in range(0, ids.shape[0], chunk)])
-    model.train(was_training)
-    return out
+    with eval_mode(model):
+        return torch.cat([response_logprobs(model, ids[i : i + chunk], mask[i : i + chunk])[0]
+                          for i in range(0, ids.shape[0], chunk)])
 
 
 def minibatch(buffer: Rollout, rows: torch.Tensor) -> dict:
@@ -247,17 +244,13 @@ class OnlineRun:
     train_prompts: PromptSet
     val_prompts: PromptSet
     scorer: Scorer
-    run_dir: Path
+    paths: RunPaths  # the run's folder and its files
     buffers: BufferState = field(default_factory=BufferState)
     last_eval_texts: list[str] = field(default_factory=list)  # held-out answers of the last evaluation
 
     @property
     def tokenizer(self) -> Any:
         return self.policy.tokenizer
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
 
     # -- held-out measurements
 
@@ -310,7 +303,7 @@ class OnlineRun:
         stats = self.buffers.stats.pop(step, None)
         if stats:
             row = {"step": step, **{k: round(sum(v) / len(v), 5) for k, v in stats.items()}}
-            append_jsonl(self.metrics_path, row)
+            append_jsonl(self.paths.metrics, row)
 
     # -- what the shared loop calls (nano/train/trainer.py: Task)
 
@@ -356,30 +349,30 @@ def set_up_run(cfg: OnlineRLConfig, stage: str, method: OnlineMethod, start: Pat
         train_prompts = train_prompts.subset(range(min(cfg.train_prompts, len(train_prompts))))
     scorer = Scorer(cfg.reward, tokenizer, cfg.reward_model_path)
     scorer.check(train_prompts)
-    run_dir = runs_dir() / stage / f"{method.name}-{cfg.run_name}"
+    paths = RunPaths.of(stage, cfg.run_name, method=method.name)
     trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     print(f"policy: {policy.description}; {trainable:,} trainable parameters")
     print(f"prompts: {len(train_prompts):,} {cfg.prompts} for training, {len(val_prompts)} held out; reward: {cfg.reward}")
     print(f"each buffer: {cfg.prompts_per_rollout} prompts x {cfg.group_size} answers, {cfg.epochs} epoch(s) x "
-          f"{cfg.minibatches} minibatch(es) = {cfg.steps_per_rollout} optimizer step(s); writing to {run_dir}")
-    save_config(cfg, run_dir)
+          f"{cfg.minibatches} minibatch(es) = {cfg.steps_per_rollout} optimizer step(s); writing to {paths.dir}")
+    save_config(cfg, paths.dir)
     model = method.train_model(policy.model)
-    return OnlineRun(cfg, method, policy, model, train_prompts, val_prompts, scorer, run_dir)
+    return OnlineRun(cfg, method, policy, model, train_prompts, val_prompts, scorer, paths)
 
 
 def save_best_policy(run: OnlineRun, start: Path, extra: dict) -> dict:
     """Step 4a: load the best checkpoint (by held-out reward) into the model and save the policy alone:
     the adapter (LoRA runs) and plain weights (policy_best.pth). Returns the best checkpoint."""
-    best = load_checkpoint(run.run_dir / "checkpoints" / "ckpt_best.pth")
+    best = load_checkpoint(run.paths.best)
     run.model.load_state_dict(best["model"])
     actor = run.method.policy_of(run.model)
     if run.policy.lora:  # the adapter alone: a small file for --adapter_path (lessons 12 and 13)
-        path = save_adapter(actor, run.run_dir / "adapter.pth", run.policy.identity)
+        path = save_adapter(actor, run.paths.adapter, run.policy.identity)
         print(f"adapter: {path} (on --checkpoint_path {start}{' --quantize' if run.cfg.quantize else ''})")
     # the policy alone as plain weights (no value head, adapters merged): what load_model, lesson 12
     # and lesson 13 read; ckpt_best.pth / ckpt_last.pth keep the whole training state for --resume
     plain = merge_lora(copy.deepcopy(actor)) if run.policy.lora else actor
-    save_checkpoint(run.run_dir / "checkpoints" / "policy_best.pth",
+    save_checkpoint(run.paths.policy,
                     {"model": plain.state_dict(), "step": best["step"], "val_reward": best.get("best_value"), **extra})
     return best
 
@@ -406,14 +399,14 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     extra.update({"base_checkpoint": str(start), "method": method.name})
     task = Task(make_batch=run.make_batch, loss=run.loss, evaluate=run.evaluate, sample=run.sample, checkpoint_extra=extra,
                 count_tokens=lambda b: int(b["response_mask"].sum()), best_metric="val_reward", higher_is_better=True)
-    result = train(run.model, cfg, run.run_dir, task)
+    result = train(run.model, cfg, run.paths.dir, task)
     run.flush_stats(cfg.steps - 1)
 
     # 4. the best checkpoint (by held-out reward), graded on the test problems; curves; report
     best = save_best_policy(run, start, extra)
-    after_test = run.test_accuracy(run.run_dir / "tinymath_samples.jsonl")
+    after_test = run.test_accuracy(run.paths.dir / "tinymath_samples.jsonl")
     practised_after = run.practised_reward(run.model)
-    plot_rl_history(run.metrics_path, run.run_dir / "rl.svg", method.name)
+    plot_rl_history(run.paths.metrics, run.paths.dir / "rl.svg", method.name)
     report = {
         "stage": stage, "method": method.name, "reward": cfg.reward, "best_step": best["step"],
         "val_reward_before": before_val["val_reward"], "val_reward_best": result.best_value,
@@ -422,7 +415,7 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
         "tinymath_n": after_test.get("n"), "practised_reward_before": practised_before,
         "practised_reward_after": practised_after, "seconds": round(time.time() - t0, 1),
     }
-    write_json(run.run_dir / "report.json", report)
+    write_json(run.paths.report, report)
     print_report(run, report)
     return report
 
@@ -437,7 +430,7 @@ def print_report(run: OnlineRun, report: dict) -> None:
     if run.cfg.eval_problems:
         print(f"TinyMath test accuracy ({report['tinymath_n']} problems, greedy): before {report['tinymath_before']:.1%} -> "
               f"after {report['tinymath_after']:.1%} (± {report['tinymath_stderr_after']:.1%})")
-    print(f"curves: {run.run_dir / 'rl.svg'}; took {report['seconds']:.0f} s")
+    print(f"curves: {run.paths.dir / 'rl.svg'}; took {report['seconds']:.0f} s")
 
 
 def plot_rl_history(metrics_path: Path, out: Path, name: str) -> None:

@@ -22,14 +22,12 @@ from typing import Any
 
 import torch
 
-from nano.common.config import print_config
-from nano.common.paths import runs_dir
+from nano.common.config import print_config, set_threads
+from nano.common.paths import SFT_CHECKPOINT, input_path
 from nano.model.lora import inject_lora, load_adapter
 from nano.checkpoints.checkpoint import base_identity, load_model, load_tokenizer
 from nano.checkpoints.loading import quantize_base
 from nano.train.trainer import TrainConfig
-
-SFT_CHECKPOINT = "sft/full/default/checkpoints/ckpt_best.pth"  # lesson 5's model, under runs/: where 8-11 start
 
 
 @dataclass
@@ -41,7 +39,6 @@ class PolicyConfig(TrainConfig):
     quantize: bool = field(default=False, metadata={"help": "NF4 base + LoRA adapter (QLoRA); the reference is the frozen 4-bit base"})
     lora_r: int = field(default=8, metadata={"help": "train a fresh LoRA adapter of this rank (0 = full weights)"})
     eval_problems: int = field(default=200, metadata={"help": "held-out TinyMath test problems graded before and after (0 = skip)"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default, every core; 1 if another program keeps a core busy)"})
 
 
 def begin_run(cfg: Any) -> Path:
@@ -49,10 +46,8 @@ def begin_run(cfg: Any) -> Path:
     checkpoint the run starts from (cfg.checkpoint_path, or lesson 5's model under runs/)."""
     print_config(cfg)
     torch.manual_seed(cfg.seed)
-    if cfg.threads > 0:  # 0: torch's default, every core. On a quiet machine two threads halve a step
-        torch.set_num_threads(cfg.threads)  # (whole answers make big batches); next to a busy program
-        # they wait for each other at every operation: pass 1 then
-    return Path(cfg.checkpoint_path) if cfg.checkpoint_path else runs_dir() / SFT_CHECKPOINT
+    set_threads(cfg.threads)  # TrainConfig's rule: every core by default (whole answers make big batches)
+    return input_path(cfg.checkpoint_path, SFT_CHECKPOINT)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ Lesson 11 runs it: `make lesson-11`. Tests: `.venv/bin/python -m pytest -q tests
 import torch
 import torch.nn as nn
 
+from nano.model.generate import eval_mode
 from nano.align.logprobs import clipped_surrogate, kl_estimates, masked_mean, response_logprobs
 from nano.align.online_rl import BufferContext, OnlineMethod, buffer_logprobs
 from nano.align.rollout import Rollout
@@ -125,12 +126,9 @@ def ppo_method(kl_coef: float, clip_eps: float = 0.2, value_clip: float = 0.2, v
         mask = buffer.response_mask[:, 1:].float()  # (N, T-1): columns of response tokens
         old_logp = buffer_logprobs(model.policy, buffer)
         ref_logp = buffer_logprobs(ctx.reference, buffer)
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             old_values = torch.cat([model.values(model.policy.forward_hidden(buffer.ids[i:i + 64]))[:, :-1]
                                     for i in range(0, len(buffer), 64)])
-            model.train(was_training)
         # per-token reward: the KL penalty everywhere, the answer's score at its last token
         rewards = -kl_coef * (old_logp - ref_logp) * mask
         last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)  # (N,) column of the last token

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from nano.common.paths import require, tokenizer_dir
+from nano.common.paths import RunPaths, require, tokenizer_dir
 from nano.text.tokenizer import Tokenizer
 from nano.model.gemma import GemmaNano, ModelConfig
 
@@ -39,7 +39,8 @@ def _lesson_for(path: Path) -> str:
     for stage, lesson in _STAGE_LESSON.items():
         if stage in path.parts:
             return f"run `make lesson-{lesson}` first"
-    return "check the path (checkpoints live in runs/<stage>/<run>/checkpoints/)"
+    where = RunPaths.relative("runs/<stage>", "<run_name>").checkpoints.as_posix()
+    return f"check the path (checkpoints live in {where}/)"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -16,9 +16,9 @@ exporting is mostly writing things down in their format:
 A LoRA adapter is merged into the weights first, and a 4-bit (NF4) model is dequantized: the folder
 always holds one plain full-precision model (fp32 or bf16), which is what other tools expect.
 
-    python -m nano.checkpoints.export runs/sft/full/default/checkpoints/ckpt_best.pth runs/export/sft-full
-    python -m nano.checkpoints.export runs/pretrain/default/checkpoints/ckpt_best.pth runs/export/qlora \\
-        --adapter_path runs/sft/peft/qlora/default/adapter.pth --quantize
+    python -m nano.checkpoints.export                  # lesson 5's model -> runs/export/sft-full/
+    python -m nano.checkpoints.export --checkpoint_path runs/pretrain/default/checkpoints/ckpt_best.pth \\
+        --adapter_path runs/sft/peft/qlora/default/adapter.pth --quantize --out_dir runs/export/qlora
     model, tokenizer = load_hf("runs/export/sft-full")     # back into nano, no transformers needed
 
 Lesson 13's doc shows how to load the folder in `transformers` and serve it with vLLM.
@@ -27,19 +27,20 @@ Tests: tests/test_13_export.py; the check against the real libraries: bench/veri
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
+from nano.common.config import parse_config
 from nano.common.fileio import write_json
-from nano.common.paths import tokenizer_dir
+from nano.common.paths import SFT_CHECKPOINT, input_path, runs_dir, tokenizer_dir
 from nano.text.chat_format import special_id
 from nano.text.tokenizer import Tokenizer
 from nano.model.gemma import GemmaNano, ModelConfig
@@ -56,6 +57,7 @@ FILES = ("config.json", "generation_config.json", WEIGHTS_FILE, "tokenizer.json"
 # the sampling defaults of our chat CLI (lessons/13_chat.py), so a tool that reads
 # generation_config.json samples as `make lesson-13` does
 SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 200}
+EXPORT_DIR = "export/sft-full"  # under runs/: where `make all` exports lesson 5's model
 
 
 # -----------------------------------------------------------------------------------------------
@@ -439,12 +441,12 @@ def export(
     # 1. the model, merged and dequantized; the tokenizer it was trained with
     model, info = full_precision_model(checkpoint_path, adapter_path, quantize)
     if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {tokenizer_path} — run `make lesson-1` first (or pass --tokenizer)")
+        raise FileNotFoundError(f"no tokenizer at {tokenizer_path} — run `make lesson-1` first (or pass --tokenizer_path)")
     tokenizer = Tokenizer.load(tokenizer_path)
     expected = info.get("tokenizer_fingerprint")
     if expected is not None and tokenizer.fingerprint() != expected:
         raise ValueError(f"{checkpoint_path} was trained with tokenizer {expected}, but {tokenizer_path} is "
-                         f"{tokenizer.fingerprint()}: pass the tokenizer it was trained with (--tokenizer)")
+                         f"{tokenizer.fingerprint()}: pass the tokenizer it was trained with (--tokenizer_path)")
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size} rows of embedding")
@@ -479,7 +481,7 @@ def load_hf(folder: str | Path, device: str = "cpu") -> tuple[GemmaNano, Tokeniz
     folder = Path(folder)
     missing = [name for name in ("config.json", WEIGHTS_FILE, "tokenizer.json") if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} has no {', '.join(missing)}: export a model there first (python -m nano.checkpoints.export CHECKPOINT {folder})")
+        raise FileNotFoundError(f"{folder} has no {', '.join(missing)}: export a model there first (python -m nano.checkpoints.export --checkpoint_path CHECKPOINT --out_dir {folder})")
     cfg = model_config_from_hf(json.loads((folder / "config.json").read_text(encoding="utf-8")), str(folder / "config.json"))
     model = GemmaNano(cfg)
     tensors = load_file(folder / WEIGHTS_FILE)
@@ -502,27 +504,35 @@ def load_hf(folder: str | Path, device: str = "cpu") -> tuple[GemmaNano, Tokeniz
 # the command line
 
 
+@dataclass
+class ExportConfig:
+    checkpoint_path: str = field(default="", metadata={"help": f"the nano checkpoint to export (default runs/{SFT_CHECKPOINT}: lesson 5's model)"})
+    out_dir: str = field(default="", metadata={"help": f"the folder to write; it must not exist or be empty, unless --force (default runs/{EXPORT_DIR}, for lesson 5's model)"})
+    adapter_path: str = field(default="", metadata={"help": "a LoRA/QLoRA adapter to merge into the weights"})
+    quantize: bool = field(default=False, metadata={"help": "load the base in NF4 first, as lesson 7 trained a QLoRA adapter on it (the export is dequantized)"})
+    dtype: str = field(default="float32", metadata={"help": "dtype of the stored weights", "choices": sorted(EXPORT_DTYPES)})
+    force: bool = field(default=False, metadata={"help": "replace --out_dir if it exists and is not empty"})
+    tokenizer_path: str = field(default="", metadata={"help": "tokenizer.json of nano ('' = data/tokenizer/tokenizer.json)"})
+
+    def __post_init__(self):
+        if self.checkpoint_path and not self.out_dir:  # the default folder is named after lesson 5's model
+            raise ValueError("--out_dir: say where to write the folder of --checkpoint_path")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m nano.checkpoints.export",
-        description="Write a folder that Hugging Face transformers loads as Gemma2ForCausalLM.")
-    parser.add_argument("checkpoint", help="a nano checkpoint, e.g. runs/sft/full/default/checkpoints/ckpt_best.pth")
-    parser.add_argument("out_dir", help="the folder to write (must not exist or be empty, unless --force)")
-    parser.add_argument("--adapter_path", default=None, help="a LoRA/QLoRA adapter to merge into the weights")
-    parser.add_argument("--quantize", action="store_true",
-                        help="load the base in NF4 first, as lesson 7 trained a QLoRA adapter on it (the export is dequantized)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES), help="dtype of the stored weights")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json of nano (default: data/tokenizer/tokenizer.json)")
-    args = parser.parse_args(argv)
+    """python -m nano.checkpoints.export [--checkpoint_path CKPT --out_dir DIR] [--adapter_path ...] [--force]"""
+    cfg = parse_config(ExportConfig, argv)
+    checkpoint = input_path(cfg.checkpoint_path, SFT_CHECKPOINT)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else runs_dir() / EXPORT_DIR
     try:
-        out = export(args.checkpoint, args.out_dir, args.adapter_path, args.quantize, args.dtype, args.force, args.tokenizer)
+        out = export(checkpoint, out_dir, cfg.adapter_path or None, cfg.quantize, cfg.dtype, cfg.force,
+                     cfg.tokenizer_path or None)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     header = read_header(out / WEIGHTS_FILE)
     num_params = sum(torch.Size(e["shape"]).numel() for name, e in header.items() if name != "__metadata__")
-    print(f"exported {num_params:,} parameters ({args.dtype}) to {out}/")
+    print(f"exported {num_params:,} parameters ({cfg.dtype}) to {out}/")
     for name in FILES:
         print(f"  {name:24s} {(out / name).stat().st_size:>12,} bytes")
     print("load it with transformers: AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)")

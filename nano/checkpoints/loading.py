@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from nano.common.paths import BASE_CHECKPOINT, runs_dir
+from nano.common.paths import BASE_CHECKPOINT, SFT_CHECKPOINT, RunPaths, runs_dir
 from nano.model.lora import load_adapter, merge_lora
 from nano.model.nf4 import quantize_model
 from nano.checkpoints.checkpoint import base_identity, load_model, load_tokenizer
@@ -126,17 +126,17 @@ class Stage:
         return load_for_inference(checkpoint, adapter, quantize=self.quantize, device=device)
 
 
-# In the order of the lessons; each lesson's run folder is its default, "default".
+# In the order of the lessons; each one's real run (run_name "default", nano/common/paths.py: RunPaths).
 STAGES: tuple[Stage, ...] = (
     Stage("base", 4, BASE_CHECKPOINT, chat=False),
-    Stage("sft-full", 5, "sft/full/default/checkpoints/ckpt_best.pth"),
-    Stage("lora", 6, BASE_CHECKPOINT, adapter="sft/peft/lora/default/adapter.pth"),
-    Stage("qlora", 7, BASE_CHECKPOINT, adapter="sft/peft/qlora/default/adapter.pth", quantize=True),
+    Stage("sft-full", 5, SFT_CHECKPOINT),
+    Stage("lora", 6, BASE_CHECKPOINT, adapter=RunPaths.relative("sft/peft/lora").adapter.as_posix()),
+    Stage("qlora", 7, BASE_CHECKPOINT, adapter=RunPaths.relative("sft/peft/qlora").adapter.as_posix(), quantize=True),
     # lessons 9-11 keep their training state (adapters, PPO's value head) in ckpt_*.pth for --resume
     # and the policy alone, as plain weights, in policy_best.pth
-    Stage("dpo", 9, "rlhf/offline/dpo-default/checkpoints/policy_best.pth"),
-    Stage("grpo", 10, "rlhf/online/grpo-default/checkpoints/policy_best.pth"),
-    Stage("ppo", 11, "rlhf/online/ppo-default/checkpoints/policy_best.pth"),
+    Stage("dpo", 9, RunPaths.relative("rlhf/offline", method="dpo").policy.as_posix()),
+    Stage("grpo", 10, RunPaths.relative("rlhf/online", method="grpo").policy.as_posix()),
+    Stage("ppo", 11, RunPaths.relative("rlhf/online", method="ppo").policy.as_posix()),
 )
 
 # The chat model to talk to when none is named: the last stage of training first (RL polishes the

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 from nano.common.fileio import write_json
-from nano.common.paths import CONFIGS_DIR
+from nano.common.paths import CONFIG_FILE, CONFIGS_DIR
 
 C = TypeVar("C")
 
@@ -209,9 +209,32 @@ def print_config(cfg: Any) -> None:
         print(f"  {k:<22} {v!r}")
 
 
-def save_config(cfg: Any, out_dir: str | Path, name: str = "config.json") -> Path:
+def save_config(cfg: Any, out_dir: str | Path, name: str = CONFIG_FILE) -> Path:
     """Write the resolved config beside a run's outputs (rerun it with --config that file)."""
     return write_json(Path(out_dir) / name, config_to_dict(cfg))
+
+
+# --threads means the same in every lesson: torch's CPU threads, 0 = torch's default (one per core).
+# Its default follows one rule. Where the work is big batches of matrix products (training, lessons
+# 4-11), the cores share it well: 0. Where it is generating a token at a time (evaluation, chat,
+# serving: lessons 12-14), each operation is small and a second thread mostly waits for the first,
+# and much more so next to a busy program (lesson 12's doc measures it): 1.
+THREADS_FOR_BATCHES = 0
+THREADS_FOR_DECODING = 1
+
+
+def threads_field(default: int) -> Any:
+    """The --threads field of a lesson's config: THREADS_FOR_BATCHES or THREADS_FOR_DECODING."""
+    return dataclasses.field(default=default, metadata={
+        "help": "torch CPU threads (0 = torch's default, one per core; 1 if another program keeps a core busy)"})
+
+
+def set_threads(threads: int) -> None:
+    """Apply --threads: N > 0 sets torch's CPU threads to N; 0 leaves torch's default."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def pick_device(device: str = "auto") -> str:

@@ -105,11 +105,6 @@ def load_task(name: str, split: str = "test", path: str | Path | None = None, li
 # 2. Prompts
 # ----------------------------------------------------------------------------------------------
 
-# An instruction that can follow the question in chat mode, so that a general chat model ends where
-# the grader looks first. It is OFF by default: our SFT data (nano/data/tinymath.py: tinymath_conversation)
-# asks the bare question, and a small model does best on exactly the prompts it was trained on.
-ANSWER_INSTRUCTION = "Solve it step by step and end with a line '#### <number>'."
-
 # GSM8K's worked answers carry calculator annotations, "48/2 = <<48/2=24>>24"; they are noise to a
 # reader and to a small model, so few-shot examples drop them ("48/2 = 24").
 _CALCULATOR_RE = re.compile(r"<<[^<>]*>>")

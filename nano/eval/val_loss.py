@@ -24,6 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nano.model.generate import eval_mode
+
+
 def bits_per_byte(loss_nats: float, num_tokens: int, num_bytes: int) -> float:
     """Convert a mean loss per token (nats) into bits per byte of text.
 
@@ -86,27 +89,25 @@ def validation_loss(
     if byte_lengths is None and tokenizer is not None:
         byte_lengths = token_byte_lengths(tokenizer)
 
-    was_training = model.training
-    model.eval()
     total_nats, total_tokens = 0.0, 0  # every predicted token: the loss
     text_nats, text_tokens, text_bytes = 0.0, 0, 0  # predicted tokens that are text: bits per byte
-    for b in range(batches):
-        batch_starts = starts[b * batch_size : (b + 1) * batch_size]
-        rows = [np.asarray(tokens[s : s + context_len + 1], dtype=np.int64) for s in batch_starts]
-        window = torch.from_numpy(np.stack(rows)).to(device)  # (B, T+1)
-        inputs, targets = window[:, :-1], window[:, 1:]  # (B, T) each
-        logits, _ = model(inputs)  # (B, T, V)
-        # per-token losses (not a mean) so that batches and subsets add up exactly; fp32 log-softmax
-        nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # (B*T,)
-        total_nats += nats.sum().item()
-        total_tokens += nats.numel()
-        if byte_lengths is not None:
-            num_bytes = torch.from_numpy(byte_lengths[targets.flatten().cpu().numpy()]).to(device)  # (B*T,)
-            is_text = num_bytes > 0
-            text_nats += nats[is_text].sum().item()
-            text_tokens += int(is_text.sum())
-            text_bytes += int(num_bytes.sum())
-    model.train(was_training)
+    with eval_mode(model):  # no dropout; the mode it had comes back afterwards
+        for b in range(batches):
+            batch_starts = starts[b * batch_size : (b + 1) * batch_size]
+            rows = [np.asarray(tokens[s : s + context_len + 1], dtype=np.int64) for s in batch_starts]
+            window = torch.from_numpy(np.stack(rows)).to(device)  # (B, T+1)
+            inputs, targets = window[:, :-1], window[:, 1:]  # (B, T) each
+            logits, _ = model(inputs)  # (B, T, V)
+            # per-token losses (not a mean) so that batches and subsets add up exactly; fp32 log-softmax
+            nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # (B*T,)
+            total_nats += nats.sum().item()
+            total_tokens += nats.numel()
+            if byte_lengths is not None:
+                num_bytes = torch.from_numpy(byte_lengths[targets.flatten().cpu().numpy()]).to(device)  # (B*T,)
+                is_text = num_bytes > 0
+                text_nats += nats[is_text].sum().item()
+                text_tokens += int(is_text.sum())
+                text_bytes += int(num_bytes.sum())
     loss = total_nats / total_tokens
     bpb = bits_per_byte(text_nats / text_tokens, text_tokens, text_bytes) if text_bytes > 0 else float("nan")
     return loss, bpb

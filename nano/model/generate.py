@@ -20,7 +20,8 @@ Tests: `make check-13` (or `.venv/bin/python -m pytest -q tests/test_13_generate
 """
 
 import functools
-from typing import Any, Callable, Container, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Container, Iterable, Iterator, Sequence
 
 import torch
 
@@ -104,20 +105,37 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed)
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`with eval_mode(model):` runs the block with the model in eval mode (no dropout), then gives it
+    back the mode it had — also when the block raises, which a hand-written model.eval() ...
+    model.train() pair forgets (a Ctrl-C during an evaluation would leave dropout off for good).
+
+    >>> layer = torch.nn.Dropout(0.5).train()
+    >>> with eval_mode(layer):
+    ...     layer.training
+    False
+    >>> layer.training
+    True
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def in_eval_mode(fn: Callable) -> Callable:
-    """Decorator: run fn(model, ...) with the model in eval mode (no dropout), then restore its mode.
+    """Decorator: run fn(model, ...) inside eval_mode(model).
 
     RL lessons generate in the middle of training; they get their training mode back afterwards.
     """
 
     @functools.wraps(fn)
     def wrapper(model: torch.nn.Module, *args, **kwargs):
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             return fn(model, *args, **kwargs)
-        finally:
-            model.train(was_training)
 
     return wrapper
 

@@ -318,7 +318,10 @@ class PagedKVCache:
     def slot_ids(self, seq: SequenceBlocks, start: int, end: int) -> list[int]:
         """Flat slots of positions [start, end) of `seq`: table[t // block_size] * block_size + t % block_size.
 
-        >>> # block_size 4, block_table [7, 2]: positions 3, 4, 5 -> slots 31, 8, 9
+        >>> from types import SimpleNamespace
+        >>> cache = PagedKVCache(SimpleNamespace(n_layers=1, n_kv_heads=1, head_dim=2), num_blocks=8, block_size=4)
+        >>> cache.slot_ids(SequenceBlocks(block_table=[7, 2]), 3, 6)   # positions 3, 4, 5: 7*4 + 3, 2*4 + 0, 2*4 + 1
+        [31, 8, 9]
         """
         bs, table = self.block_size, seq.block_table
         return [table[t // bs] * bs + t % bs for t in range(start, end)]

@@ -26,9 +26,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from nano.common.config import print_config, save_config
+from nano.common.config import print_config, save_config, set_threads
 from nano.common.fileio import write_json
-from nano.common.paths import BASE_CHECKPOINT, runs_dir
+from nano.common.paths import BASE_CHECKPOINT, RunPaths, input_path
 from nano.text.bins import SFTDataset, sft_batch
 from nano.text.chat_format import IGNORE_INDEX
 from nano.model.lora import trainable_parameter_summary
@@ -38,7 +38,7 @@ from nano.train.trainer import EXAMPLE_ORDER, Task, TrainConfig, TrainResult, sh
 
 @dataclass
 class SFTConfig(TrainConfig):
-    base_checkpoint: str = field(default="", metadata={"help": f"checkpoint to start from (default runs/{BASE_CHECKPOINT})"})
+    checkpoint_path: str = field(default="", metadata={"help": f"checkpoint to start from (default runs/{BASE_CHECKPOINT})"})
     max_len: int = field(default=0, metadata={"help": "longest conversation in tokens (0 = the model's context)"})
     pack: bool = field(default=True, metadata={"help": "lay conversations end to end in each row (no padding wasted)"})
     eval_problems: int = field(default=100, metadata={"help": "held-out TinyMath problems graded before and after"})
@@ -63,8 +63,8 @@ def math_accuracy(model, tokenizer, limit: int, out_jsonl: Path | None = None) -
 class SFTRun:
     model: torch.nn.Module  # the fine-tuned model (with its adapters, if any)
     result: TrainResult
-    report: dict  # also written to run_dir/report.json
-    run_dir: Path
+    report: dict  # also written to paths.report
+    paths: RunPaths  # runs/<stage>/<run_name>/ and its files
     base_checkpoint: dict  # the checkpoint it started from (its identity goes into adapter files)
 
 
@@ -77,7 +77,8 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
     """
     print_config(cfg)
     torch.manual_seed(cfg.seed)
-    base_path = Path(cfg.base_checkpoint) if cfg.base_checkpoint else runs_dir() / BASE_CHECKPOINT
+    set_threads(cfg.threads)
+    base_path = input_path(cfg.checkpoint_path, BASE_CHECKPOINT)  # lesson 4's real run, for a smoke test too
     model, base_ckpt = load_model(base_path)
     tokenizer = load_tokenizer(base_ckpt.get("tokenizer_fingerprint"))  # refused if not the base's tokenizer
     max_len = cfg.max_len or model.cfg.context_len
@@ -87,12 +88,12 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
     val_ids = np.flatnonzero(val_set.lengths <= max_len + 1)
     if len(train_ids) == 0 or len(val_ids) == 0:
         raise ValueError(f"no conversation fits max_len {max_len}: raise --max_len")
-    run_dir = runs_dir() / stage / cfg.run_name
+    run = RunPaths.of(stage, cfg.run_name)
     print(f"base: {base_path} (step {base_ckpt.get('step')})")
     print(f"data: {len(train_ids):,} train conversations, {len(val_ids):,} held out "
           f"({len(train_set) - len(train_ids):,} longer than max_len {max_len} skipped)")
-    print(f"writing to {run_dir}")
-    save_config(cfg, run_dir)
+    print(f"writing to {run.dir}")
+    save_config(cfg, run.dir)
 
     # 1. where the base model stands before fine-tuning
     n_eval = 0 if cfg.fast_dev_run else cfg.eval_problems
@@ -132,10 +133,10 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
                 count_tokens=lambda batch: int((batch[1] != IGNORE_INDEX).sum()),
                 checkpoint_extra={"model_config": asdict(model.cfg), "tokenizer_fingerprint": tokenizer.fingerprint(),
                                   "base_checkpoint": str(base_path)})
-    result = train(model, cfg, run_dir, task)
+    result = train(model, cfg, run.dir, task)
 
     # 4. where it stands after, graded on the same problems
-    after = math_accuracy(model, tokenizer, n_eval, run_dir / "tinymath_samples.jsonl") if n_eval else {}
+    after = math_accuracy(model, tokenizer, n_eval, run.dir / "tinymath_samples.jsonl") if n_eval else {}
     report = {
         "stage": stage, "trainable_params": trainable, "total_params": total,
         "val_loss": result.last_eval.get("val_loss"), "best_val_loss": result.best_value,
@@ -143,12 +144,12 @@ def run_sft(cfg: SFTConfig, stage: str, prepare: Callable[[torch.nn.Module], tor
         "tinymath_stderr": after.get("stderr"), "tinymath_n": after.get("n"),
         "seconds": round(time.time() - t0, 1),
     }
-    write_json(run_dir / "report.json", report)
+    write_json(run.report, report)
     print(f"\nheld-out SFT loss {report['val_loss']:.4f} (best {result.best_value:.4f})")
     if n_eval:
         print(f"TinyMath accuracy on {after['n']} held-out problems: before {before['accuracy']:.1%} -> "
               f"after {after['accuracy']:.1%} (± {after['stderr']:.1%})")
         sample = after["rows"][0]
         print(f"\nexample — {sample['prompt'].strip()[-200:]}\n{sample['output']}\n(graded {sample['correct']})")
-    print(f"took {report['seconds']:.0f} s; report in {run_dir / 'report.json'}")
-    return SFTRun(model, result, report, run_dir, base_ckpt)
+    print(f"took {report['seconds']:.0f} s; report in {run.report}")
+    return SFTRun(model, result, report, run, base_ckpt)

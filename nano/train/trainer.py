@@ -41,9 +41,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nano.common.config import pick_device
+from nano.common.config import THREADS_FOR_BATCHES, pick_device, threads_field
 from nano.common.fileio import append_jsonl, read_jsonl, save_checkpoint, write_jsonl
+from nano.common.paths import RunPaths, run_name_for
 from nano.common.plot import line_chart, write_svg
+from nano.model.generate import eval_mode
 from nano.checkpoints.checkpoint import load_checkpoint, load_state_checked
 
 # Peak dense bf16 throughput of common GPUs, from NVIDIA's data sheets (no sparsity), for MFU.
@@ -56,7 +58,7 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, 
 class TrainConfig:
     """Knobs of the shared loop. Each training lesson's config inherits these fields."""
 
-    run_name: str = field(default="default", metadata={"help": "folder name under runs/<stage>/"})
+    run_name: str = field(default="", metadata={"help": "folder name under runs/<stage>/ ('' = default; fast-dev-run for a smoke test)"})
     steps: int = field(default=300, metadata={"help": "optimizer steps in the whole run"})
     batch_size: int = field(default=16, metadata={"help": "rows per optimizer step (global: all processes, all micro-batches)"})
     micro_batch_size: int = field(default=16, metadata={"help": "rows per forward pass; the rest is gradient accumulation"})
@@ -70,9 +72,9 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
     eval_every: int = field(default=100, metadata={"help": "steps between evaluations and checkpoints"})
     eval_batches: int = field(default=8, metadata={"help": "fixed validation batches per evaluation"})
-    samples: int = field(default=3, metadata={"help": "generations written at each evaluation"})
     seed: int = field(default=1337, metadata={"help": "seed of the init, the batches and the sampling"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    threads: int = threads_field(THREADS_FOR_BATCHES)
     dtype: str = field(default="auto", metadata={"help": "autocast dtype (auto: bf16 on a GPU that has it, else fp32)",
                                                  "choices": ["auto", "float32", "bfloat16", "float16"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
@@ -80,9 +82,10 @@ class TrainConfig:
     fast_dev_run: bool = field(default=False, metadata={"help": "a handful of steps end to end (smoke test)"})
 
     def __post_init__(self):
+        # a smoke test writes runs/<stage>/fast-dev-run/, never over the real run (nano/common/paths.py)
+        self.run_name = run_name_for(self.run_name, self.fast_dev_run)
         if self.fast_dev_run:  # small enough for a smoke test on any preset
             self.steps, self.eval_every, self.eval_batches, self.warmup_steps = 4, 2, 2, 1
-            self.samples = min(self.samples, 1)
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
 
@@ -94,7 +97,7 @@ class Task:
     make_batch: Callable[[int, list[int], str], Any]  # (step, global row indices, device) -> batch
     loss: Callable[[torch.nn.Module, Any], torch.Tensor]  # (model, batch) -> scalar loss
     evaluate: Callable[[torch.nn.Module], dict[str, float]]  # -> {"val_loss": ..., anything else}
-    sample: Callable[[torch.nn.Module], list[str]] | None = None  # -> a few generations to read
+    sample: Callable[[torch.nn.Module], list[str]] | None = None  # -> a few generations to read (samples.txt)
     checkpoint_extra: dict = field(default_factory=dict)  # model_config, tokenizer_fingerprint, ...
     count_tokens: Callable[[Any], int] = lambda batch: batch[0].numel()
     flops_per_token: float = 0.0  # for MFU; 0 = not reported
@@ -122,13 +125,14 @@ class TrainResult:
 
 
 def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, task: Task) -> TrainResult:
-    """Train `model` on `task` for cfg.steps optimizer steps, writing everything under run_dir.
+    """Train `model` on `task` for cfg.steps optimizer steps, writing everything under run_dir
+    (laid out as nano/common/paths.py: RunPaths says):
 
-    run_dir/checkpoints/ckpt_best.pth   the best evaluation so far (task.best_metric)
-    run_dir/checkpoints/ckpt_last.pth   the latest state, for --resume
-    run_dir/metrics.jsonl               one line per step (and per evaluation)
-    run_dir/loss.svg                    the loss curves
-    run_dir/samples.txt                 generations at each evaluation
+    checkpoints/ckpt_best.pth   the best evaluation so far (task.best_metric)
+    checkpoints/ckpt_last.pth   the latest state, for --resume
+    metrics.jsonl               one line per step (and per evaluation)
+    loss.svg                    the loss curves
+    samples.txt                 generations at each evaluation (if the task samples)
     """
     # 1. processes, device, and how a step's batch splits into micro-batches
     device = pick_device(cfg.device)
@@ -151,11 +155,9 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, task: T
         """Validation, samples and checkpoints on rank 0; `step` = steps completed so far."""
         result: dict = {}
         if d.is_main:
-            raw_model.eval()
-            with torch.no_grad(), autocast():
+            with eval_mode(raw_model), torch.no_grad(), autocast():
                 result = task.evaluate(raw_model)
-                texts = task.sample(raw_model) if task.sample and cfg.samples else []
-            raw_model.train()
+                texts = task.sample(raw_model) if task.sample else []
             run.record_evaluation(step, result, texts, raw_model, optimizer)
         if d.world > 1:
             dist.barrier()
@@ -232,9 +234,8 @@ class RunFiles:
 
     def __init__(self, run_dir: Path, cfg: TrainConfig, task: Task, is_main: bool):
         self.dir, self.cfg, self.task, self.is_main = run_dir, cfg, task, is_main
-        self.last_path = run_dir / "checkpoints" / "ckpt_last.pth"
-        self.best_path = run_dir / "checkpoints" / "ckpt_best.pth"
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.paths = RunPaths(run_dir)
+        self.last_path, self.best_path, self.metrics_path = self.paths.last, self.paths.best, self.paths.metrics
         self.history: list[dict] = []
         self.best = -math.inf if task.higher_is_better else math.inf
 
@@ -244,7 +245,7 @@ class RunFiles:
             if self.last_path.exists():
                 print(f"note: {self.last_path} exists and will be overwritten (use --resume to continue it)")
             write_jsonl(self.metrics_path, [])
-            (self.dir / "samples.txt").write_text("")
+            self.paths.samples.write_text("")
         return 0
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: str) -> int:
@@ -275,14 +276,14 @@ class RunFiles:
         """Log an evaluation, append its samples, save ckpt_best (if it is the best) and ckpt_last, plot."""
         self.log({"step": step, **result})
         if texts:
-            with open(self.dir / "samples.txt", "a") as f:
+            with open(self.paths.samples, "a") as f:
                 f.write(f"=== step {step} ===\n" + "\n---\n".join(texts) + "\n\n")
         value = result[self.task.best_metric]
         if (value > self.best) if self.task.higher_is_better else (value < self.best):
             self.best = value
             self.save(self.best_path, step, model, optimizer)
         self.save(self.last_path, step, model, optimizer)
-        plot_history(self.history, self.dir / "loss.svg")
+        plot_history(self.history, self.paths.loss_plot)
 
 
 def plot_history(history: list[dict], path: Path) -> None:
