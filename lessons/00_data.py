@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 from nano.common import paths
 
-from nano.common.config import config_to_dict, parse_config, print_config
+from nano.common.config import DEFAULT_SEED, config_to_dict, parse_config, print_config
 from nano.common.fileio import read_jsonl, write_json, write_jsonl
 from nano.data import stories, story_files, synthetic, tinymath, world
 from nano.data.download import DownloadError, download, gsm8k_url, tinystories_url
@@ -40,7 +40,7 @@ class DataConfig:
     # where the stories come from (everything else is always built in)
     source: str = field(default="synthetic", metadata={"help": "'synthetic' (built-in, offline), 'tinystories' (download), "
                                                                "or a path to a TinyStories-format .txt (or a folder with TinyStoriesV2-GPT4-train.txt/-valid.txt)"})
-    seed: int = field(default=1337, metadata={"help": "seed of the built-in generator: same seed, same bytes"})
+    seed: int = field(default=DEFAULT_SEED, metadata={"help": "seed of the built-in generator: same seed, same bytes"})
     # ~570 bytes a story: 10,000 stories are ~5.7 MB, ~1.4M tokens with a 4096 BPE vocab -- about what
     # the tiny preset sees in a few minutes of CPU training, so lessons 1-2 stay quick too
     stories: int = field(default=10_000, metadata={"help": "train stories (built-in source; ~570 bytes each)"})

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nano.common.config import parse_config, print_config, save_config
+from nano.common.config import DEFAULT_SEED, parse_config, print_config, save_config
 from nano.common.paths import bins_dir, raw_dir, require, tokenizer_dir
 from nano.text import bins
 from nano.text.chat_format import show_masked
@@ -36,7 +36,7 @@ class BinsConfig:
     math_in_pretraining: bool = field(default=True, metadata={"help": "add the TinyMath training problems to train.bin as text (the stories hold no digits)"})
     arithmetic_repeats: int = field(default=6, metadata={"help": "times each sum/difference/product of TinyMath's range is drilled in train.bin (0 = none)"})
     force: bool = field(default=False, metadata={"help": "rebuild even when meta.json matches the tokenizer and inputs"})
-    seed: int = field(default=0, metadata={"help": "seed of the example batch drawn at the end"})
+    seed: int = field(default=DEFAULT_SEED, metadata={"help": "seed of the example batch drawn at the end"})
 
 
 def main(argv: list[str] | None = None) -> None:

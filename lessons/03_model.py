@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nano.common.config import parse_config, pick_device, print_config
+from nano.common.config import DEFAULT_SEED, parse_config, pick_device, print_config
 from nano.model.attention import attention_reference, resolve_attn_impl
 from nano.model.gemma import GemmaNano, ModelConfig, kv_cache_bytes_per_token, model_config
 
@@ -39,7 +39,7 @@ class ModelTourConfig:
     batch_size: int = field(default=2, metadata={"help": "sequences in the forward pass"})
     kernel_check: bool = field(default=True, metadata={"help": "check the Triton kernel against the reference"})
     check_seq_len: int = field(default=80, metadata={"help": "tokens in the kernel check (80: not a multiple of a tile)"})
-    seed: int = field(default=0, metadata={"help": "random seed for the weights and the inputs"})
+    seed: int = field(default=DEFAULT_SEED, metadata={"help": "random seed for the weights and the inputs"})
 
 
 # Gemma-2-2B's attention shape (its config.json on the Hugging Face Hub, google/gemma-2-2b), for the

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from nano.common.config import THREADS_FOR_DECODING, parse_config, pick_device, print_config, set_threads, threads_field
+from nano.common.config import DEFAULT_SEED, THREADS_FOR_DECODING, parse_config, pick_device, print_config, set_threads, threads_field
 from nano.common.paths import BASE_CHECKPOINT, input_path
 from nano.text.chat_format import decode_reply, encode_text, render_prompt, special_id, stop_token_ids
 from nano.model.generate import StreamDecoder, generate
@@ -42,7 +42,7 @@ class ChatConfig:
     top_p: float = field(default=0.95, metadata={"help": "sample among the fewest tokens holding p of the probability (1 = off)"})
     max_new_tokens: int = field(default=200, metadata={"help": "longest reply in tokens"})
     repetition_stop: int = field(default=64, metadata={"help": "stop a reply whose last N tokens loop (0 = off)"})
-    seed: int = field(default=0, metadata={"help": "seed of turn 1 (turn t uses seed + t - 1); -1 = a new draw every run"})
+    seed: int = field(default=DEFAULT_SEED, metadata={"help": "seed of turn 1 (turn t uses seed + t - 1); -1 = a new draw every run"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     threads: int = threads_field(THREADS_FOR_DECODING)  # decoding one token at a time is latency-bound
 

@@ -214,6 +214,11 @@ def save_config(cfg: Any, out_dir: str | Path, name: str = CONFIG_FILE) -> Path:
     return write_json(Path(out_dir) / name, config_to_dict(cfg))
 
 
+# --seed has one default in every lesson: the same number seeds the data generator (lesson 0), the
+# weights and batches of every training run, and what the other lessons draw to show you.
+DEFAULT_SEED = 1337
+
+
 # --threads means the same in every lesson: torch's CPU threads, 0 = torch's default (one per core).
 # Its default follows one rule. Where the work is big batches of matrix products (training, lessons
 # 4-11), the cores share it well: 0. Where it is generating a token at a time (evaluation, chat,

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nano.common.config import THREADS_FOR_BATCHES, pick_device, threads_field
+from nano.common.config import DEFAULT_SEED, THREADS_FOR_BATCHES, pick_device, threads_field
 from nano.common.fileio import append_jsonl, read_jsonl, save_checkpoint, write_jsonl
 from nano.common.paths import RunPaths, run_name_for
 from nano.common.plot import line_chart, write_svg
@@ -72,7 +72,7 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
     eval_every: int = field(default=100, metadata={"help": "steps between evaluations and checkpoints"})
     eval_batches: int = field(default=8, metadata={"help": "fixed validation batches per evaluation"})
-    seed: int = field(default=1337, metadata={"help": "seed of the init, the batches and the sampling"})
+    seed: int = field(default=DEFAULT_SEED, metadata={"help": "seed of the init, the batches and the sampling"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     threads: int = threads_field(THREADS_FOR_BATCHES)
     dtype: str = field(default="auto", metadata={"help": "autocast dtype (auto: bf16 on a GPU that has it, else fp32)",
