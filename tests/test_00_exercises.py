@@ -1,5 +1,6 @@
 """
-The learner's route, checked end to end for lessons 1, 3, 6 and 7:
+The learner's route, checked end to end for lessons 1, 3, 6 and 7 (and, for every lesson with
+stubs, that `make exercise-N` writes modules that import):
 
     make exercise-N                  -> exercises/<module>.py: signatures and docstrings, no bodies
     (write one function)
@@ -12,6 +13,7 @@ is what a learner gets. These tests check the route, not a learner's module.
 """
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -105,6 +107,24 @@ def test_fill_one_function_and_check_it(tmp_path, lesson, module, written, tests
     assert "ERROR collecting" not in everything.stdout and "during collection" not in everything.stdout
     assert " passed" in everything.stdout.splitlines()[-1]
     assert "is not written yet" in everything.stdout or "has no `" in everything.stdout
+
+
+@pytest.mark.parametrize("lesson", sorted(make_exercise.LESSON_MODULES))
+def test_every_lesson_with_stubs_gets_modules_that_import(tmp_path, lesson, capsys):
+    """make exercise-N for every lesson that has stubs: each stub is a module that imports (its
+    constants and classes stand, bodies raise), with every body left to write."""
+    assert make_exercise.main([str(lesson), "--out_dir", str(tmp_path)]) == 0
+    for module in make_exercise.LESSON_MODULES[lesson]:
+        stub_path = tmp_path / f"{module}.py"
+        spec = importlib.util.spec_from_file_location(f"stub_{lesson}_{module}", stub_path)
+        stub = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = stub  # dataclasses look their module up while the file runs
+        try:
+            spec.loader.exec_module(stub)
+        finally:
+            del sys.modules[spec.name]
+        functions = [n for n in ast.walk(ast.parse(stub_path.read_text())) if isinstance(n, ast.FunctionDef)]
+        assert functions and all("not written yet" in ast.unparse(f) for f in functions), module
 
 
 def test_one_function_overlay_keeps_the_rest_of_nano(tmp_path):
