@@ -65,18 +65,15 @@ CONFIG_FILE = "config.json"  # the resolved config, beside a run's outputs (nano
 
 
 def run_name_for(run_name: str, fast_dev_run: bool) -> str:
-    """The name of a run's folder: "fast-dev-run" for a smoke test, else the one given, else "default".
+    """The name of a run's folder: the one given, else "fast-dev-run" for a smoke test, else "default".
 
     A smoke test that took the real run's name would overwrite its checkpoints, and the lessons
-    after it would build on a model trained for four steps. So a smoke test never takes "default",
-    not even from a real run's config.json given with --config; any other name you give wins.
+    after it would build on a model trained for four steps; a name you give still wins.
 
-    >>> run_name_for("", False), run_name_for("", True), run_name_for("default", True), run_name_for("lr1e-3", True)
-    ('default', 'fast-dev-run', 'fast-dev-run', 'lr1e-3')
+    >>> run_name_for("", False), run_name_for("", True), run_name_for("lr1e-3", True)
+    ('default', 'fast-dev-run', 'lr1e-3')
     """
-    if fast_dev_run and run_name in ("", DEFAULT_RUN):
-        return FAST_DEV_RUN
-    return run_name or DEFAULT_RUN
+    return run_name or (FAST_DEV_RUN if fast_dev_run else DEFAULT_RUN)
 
 
 @dataclass(frozen=True)
