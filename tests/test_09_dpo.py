@@ -61,21 +61,49 @@ def test_response_logprobs_equal_the_full_computation_where_it_counts():
 
 
 def test_logprobs_ignore_prompt_and_padding():
+    """Only response tokens are targets. Column t of the log-probs scores ids[t + 1], so a prompt or padding
+    token's column is 0 whatever that token is; another prompt token moves the response's log-probs only as
+    context (its own column stays 0); another padding token changes nothing at all."""
     model = small_model()
     a = torch.tensor([[1, 5, 6, 7, 8, 0, 0]])
-    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0]])  # prompt 1 5, response 6 7 8, padding 0 0
+    columns = mask[0, 1:].bool()  # column t <- token t + 1: response columns 1, 2, 3
+
+    def by_hand(ids):
+        """log_softmax(logits[t])[ids[t + 1]] on the response's columns, 0 elsewhere."""
+        logp = torch.log_softmax(model(ids)[0][0].float(), -1)
+        return torch.tensor([logp[t, ids[0, t + 1]].item() if columns[t] else 0.0 for t in range(ids.shape[1] - 1)])
+
+    def scored(ids):
+        """(token_logprobs * mask, response_logprobs, sequence_logprob) of ids under the same mask."""
+        full = logprobs.token_logprobs(model, ids)
+        fast, _ = logprobs.response_logprobs(model, ids, mask)
+        return full * mask[:, 1:], fast, logprobs.sequence_logprob(full, mask)
+
+    other_prompt, other_padding = a.clone(), a.clone()
+    other_prompt[0, 1] = 20  # the prompt's last token: a target only of column 0, which is not the response's
+    other_padding[0, 5:] = torch.tensor([30, 31])
     with torch.no_grad():
-        base = logprobs.sequence_logprob(logprobs.token_logprobs(model, a), mask)
-        padded = a.clone()
-        padded[0, 5:] = torch.tensor([30, 31])  # other padding: nothing before it can see it
-        assert torch.allclose(logprobs.sequence_logprob(logprobs.token_logprobs(model, padded), mask), base)
-        shorter_prompt = torch.tensor([[1, 5, 6, 7, 8, 0, 0]])
-        # the first prompt token is context, never a target: only the response's targets count
-        only_response = logprobs.token_logprobs(model, shorter_prompt) * mask[:, 1:]
-        assert (only_response[:, :1] == 0).all() and (only_response[:, 4:] == 0).all()
+        results = {}
+        for name, ids in (("a", a), ("other_prompt", other_prompt), ("other_padding", other_padding)):
+            full, fast, total = scored(ids)
+            expected = by_hand(ids)
+            assert torch.allclose(full[0], expected, atol=1e-5), name
+            assert torch.allclose(fast[0], expected, atol=1e-5), name
+            assert (fast[0, ~columns] == 0).all() and (fast[0, columns] != 0).all(), name
+            assert total.item() == pytest.approx(expected.sum().item(), abs=1e-4), name
+            results[name] = fast[0]
+        # the prompt is context: another prompt token moves every response token's log-prob ...
+        assert ((results["other_prompt"] - results["a"])[columns].abs() > 1e-6).all()
+        # ... and would move column 0 if that column counted (it scores the changed token itself)
+        unmasked = logprobs.token_logprobs(model, other_prompt)[0, 0] - logprobs.token_logprobs(model, a)[0, 0]
+        assert unmasked.abs() > 1e-6
+        # padding comes after the response: nothing that counts can see it
+        assert torch.allclose(results["other_padding"], results["a"], atol=1e-6, rtol=0)
         other_response = a.clone()
         other_response[0, 3] = 20
-        assert not torch.allclose(logprobs.sequence_logprob(logprobs.token_logprobs(model, other_response), mask), base)
+        assert not torch.allclose(logprobs.sequence_logprob(logprobs.token_logprobs(model, other_response), mask),
+                                  scored(a)[2])
 
 
 def test_kl_estimator_check_vector():
