@@ -29,12 +29,23 @@ def test_gae_check_vector():
 
 
 def test_gae_stays_inside_the_response():
+    """Prompt and padding are outside the episode: their rewards and values never leak into the response's
+    advantages and returns. The answer ends at its last token (V after it is 0), whatever value the
+    padding position holds."""
     # prompt column, 2 response tokens, padding: the padding's reward and value must not leak back
     rewards, values = torch.tensor([[5.0, 0.0, 1.0, 7.0]]), torch.tensor([[9.0, 0.2, 0.4, 9.0]])
     mask = torch.tensor([[0, 1, 1, 0]])
-    adv, _ = ppo.gae(rewards, values * mask, mask, gamma=1.0, lam=1.0)
+    adv, returns = ppo.gae(rewards, values * mask, mask, gamma=1.0, lam=1.0)
     assert adv[0, 0] == 0 and adv[0, 3] == 0
     assert adv[0, 2].item() == pytest.approx(1.0 - 0.4) and adv[0, 1].item() == pytest.approx(0.0 + 0.4 - 0.2 + 0.6)
+    # the same with the raw values: the padding's 9.0 is not V_{t+1} of the last token, the prompt's is not used
+    adv_raw, returns_raw = ppo.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(adv_raw, adv) and torch.allclose(returns_raw, returns)
+    assert returns_raw[0, 0] == 0 and returns_raw[0, 3] == 0
+    # and with gamma, lambda < 1: delta_2 = 1 - 0.4, delta_1 = 0 + 0.9 * 0.4 - 0.2, A_1 = delta_1 + 0.9 * 0.8 * A_2
+    adv, returns = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert adv[0, 2].item() == pytest.approx(0.6) and adv[0, 1].item() == pytest.approx(0.16 + 0.72 * 0.6)
+    assert returns[0, 1:3].tolist() == pytest.approx([0.16 + 0.72 * 0.6 + 0.2, 0.6 + 0.4])
 
 
 def test_policy_and_value_loss_check_vectors():
@@ -74,19 +85,28 @@ def test_lesson_11_smoke_run(pipeline_dirs):
     assert report["method"] == "ppo"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"value_loss", "kl", "clip_frac", "entropy", "reward"} <= set().union(*rows)
-    model, _ = impl("checkpoint").load_model(run / "checkpoints" / "policy_best.pth")
-    assert sum(p.numel() for p in model.parameters()) > 0
+    # the policy checkpoint is the base model's architecture alone (no value head), with the base's config
+    model, ckpt = impl("checkpoint").load_model(run / "checkpoints" / "policy_best.pth")
+    base_ckpt = torch.load(base, weights_only=False)
+    assert set(ckpt["model"]) == set(base_ckpt["model"]) and not any("value_head" in k for k in ckpt["model"])
+    assert ckpt["model_config"] == base_ckpt["model_config"]
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]]))[0]
+    assert logits.shape == (1, 3, ckpt["model_config"]["vocab_size"]) and torch.isfinite(logits).all()
 
 
 def test_reward_model_of_another_tokenizer_is_refused(pipeline_dirs):
-    from dataclasses import asdict
-
     rm_lib = impl("reward_model")
     base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
     rm, _ = rm_lib.RewardModel.from_checkpoint(base)
     path = pipeline_dirs / "runs" / "rm" / "other" / "rm.pth"
     impl("fileio").save_checkpoint(path, {"model": rm.state_dict(), **rm_lib.reward_model_extra(rm, "feedfacefeedface", str(base))})
-    assert asdict(rm.cfg)
+    # the file is a sound reward model: it loads, and only the tokenizer check refuses it
+    loaded = rm_lib.load_reward_model(path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in rm.state_dict().items())
+    assert rm_lib.load_reward_model(path, "feedfacefeedface") is not None
+    with pytest.raises(ValueError, match="tokenizer"):
+        rm_lib.load_reward_model(path, "0123456789abcdef")
     with pytest.raises(ValueError, match="tokenizer"):
         run_lesson("11_ppo", "--fast_dev_run", "--checkpoint_path", str(base), "--reward", "rm", "--prompts", "preferences",
                    "--reward_model_path", str(path))
