@@ -45,6 +45,20 @@ def test_group_advantages_check_vector():
         grpo.group_advantages(torch.ones(5), group_size=2)
 
 
+def test_group_advantages_use_each_groups_own_spread():
+    """Two groups of very different spread: each answer is scored against ITS group's mean and std
+    (Bessel-corrected, + eps = 1e-4), not the whole batch's. Worked by hand:
+    group 1 = 0, .1, .2, .3: mean .15, std sqrt(.05 / 3) = 0.129099  -> +-.15 / 0.129199, +-.05 / 0.129199
+    group 2 = 0, 10, 20, 30: mean 15,  std sqrt(500 / 3) = 12.909944 -> +-15 / 12.910044,  +-5 / 12.910044
+    group 3 = 5, 5, 5, 5:    std 0                                   -> 0 (a group that teaches nothing)"""
+    rewards = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.0, 10.0, 20.0, 30.0, 5.0, 5.0, 5.0, 5.0])
+    adv = grpo.group_advantages(rewards, group_size=4)
+    expected = torch.tensor([-1.160996, -0.386999, 0.386999, 1.160996,
+                             -1.161886, -0.387295, 0.387295, 1.161886,
+                             0.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(adv, expected, atol=1e-5)
+
+
 def toy_buffer(answers: list[int], rewards: list[float]) -> "rollout.Rollout":
     """One prompt [1, 2] answered with one token each; rewards given."""
     ids, mask = rollout.pack_responses([[1, 2]] * len(answers), [[a] for a in answers], pad_id=0)
