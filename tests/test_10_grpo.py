@@ -103,6 +103,26 @@ def test_a_group_with_equal_rewards_gives_no_gradient():
     assert grads and all(g.abs().max() == 0 for g in grads)
 
 
+def test_response_logprobs_score_the_next_token_in_column_t():
+    """response_logprobs(model, ids, mask)[:, t] = log_softmax(logits[:, t])[ids[:, t + 1]] where
+    response_mask[:, t + 1] is 1, and 0 elsewhere: column t is the prediction made AT position t of the
+    token that came next. Two rows with multi-token responses of different lengths and padding."""
+    model = small_model()
+    ids = torch.tensor([[1, 2, 7, 8, 9, 10, 0, 0], [1, 2, 3, 5, 6, 0, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        logp, entropy = logprobs.response_logprobs(model, ids, mask, with_entropy=True)
+        log_softmax = torch.log_softmax(model(ids)[0].float(), -1)  # (B, T, V)
+    assert logp.shape == entropy.shape == (2, ids.shape[1] - 1)
+    for b in range(2):
+        for t in range(ids.shape[1] - 1):
+            if mask[b, t + 1]:
+                assert logp[b, t].item() == pytest.approx(log_softmax[b, t, ids[b, t + 1]].item(), abs=1e-5), (b, t)
+                assert entropy[b, t].item() > 0
+            else:
+                assert logp[b, t] == 0 and entropy[b, t] == 0, (b, t)
+
+
 def test_clipped_surrogate_stops_at_the_clip():
     logp = torch.tensor([0.5, 0.5], requires_grad=True)  # ratio e^0.5 = 1.65, far beyond 1.2
     loss, clipped = logprobs.clipped_surrogate(logp, torch.zeros(2), torch.tensor([1.0, -1.0]), clip_eps=0.2)
