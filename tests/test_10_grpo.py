@@ -97,6 +97,69 @@ def test_one_grpo_step_raises_the_rewarded_answer():
     assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # first step: the policy is still its reference
 
 
+def multi_token_buffer() -> "rollout.Rollout":
+    """One prompt [1, 2] answered four times with answers of 2, 3, 2 and 1 tokens (right-padded)."""
+    answers, rewards = [[3, 4], [5, 6, 7], [3, 9], [8]], [1.0, 0.0, 1.0, 0.0]
+    ids, mask = rollout.pack_responses([[1, 2]] * 4, answers, pad_id=0)
+    buffer = rollout.Rollout(ids, mask, [0] * 4, [str(a) for a in answers], [True] * 4)
+    buffer.extra["rewards"] = torch.tensor(rewards)
+    return buffer
+
+
+def sgd_step(model, loss, lr):
+    model.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+
+
+def test_grpo_two_epochs_on_multi_token_answers_match_the_formula():
+    """Two updates on one buffer of multi-token answers (steps_per_rollout = 2). prepare stores the sampling
+    policy's log-probs; on the first update the ratio is 1 (loss = -token mean of A, nothing clipped), on
+    the second the ratio has moved and the loss is, by hand, the token mean of
+    max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) + beta * k3, with the clip fraction counted the same way."""
+    model, reference = small_model(), small_model(seed=1)  # a reference other than the policy: k3 > 0
+    buffer, clip_eps, beta = multi_token_buffer(), 0.2, 0.1
+    method = grpo.grpo_method(beta=beta, clip_eps=clip_eps)
+    ctx = online_rl.BufferContext(model=model, reference=policy.frozen_copy(reference), tokenizer=None,
+                                  cfg=SimpleNamespace(group_size=4, steps_per_rollout=2))
+    method.prepare(buffer, ctx)
+    mask = buffer.response_mask[:, 1:].float()  # (4, T - 1) response columns
+    adv = grpo.group_advantages(buffer.extra["rewards"], 4)
+    assert torch.allclose(buffer.extra["advantages"], adv)
+    with torch.no_grad():
+        old = logprobs.response_logprobs(model, buffer.ids, buffer.response_mask)[0]
+        ref = logprobs.response_logprobs(reference, buffer.ids, buffer.response_mask)[0]
+    assert torch.allclose(buffer.extra["old_logprobs"], old, atol=1e-6)
+    assert torch.allclose(buffer.extra["ref_logprobs"], ref, atol=1e-6)
+
+    def by_hand():
+        with torch.no_grad():
+            logp = logprobs.response_logprobs(model, buffer.ids, buffer.response_mask)[0]
+        ratio = torch.exp(logp - old)
+        a = adv[:, None].expand_as(logp)
+        per_token = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+        per_token = per_token + beta * (torch.exp(ref - logp) - 1 - (ref - logp))  # k3 with log r = ref - logp
+        clipped = (-a * ratio.clamp(1 - clip_eps, 1 + clip_eps) > -a * ratio).float()
+        return (per_token * mask).sum() / mask.sum(), (clipped * mask).sum() / mask.sum(), ratio
+
+    batch = online_rl.minibatch(buffer, torch.arange(4))
+    expected, expected_clip, _ = by_hand()
+    loss, stats = method.loss(model, batch)
+    k3_first = (beta * (torch.exp(ref - old) - 1 - (ref - old)) * mask).sum() / mask.sum()
+    assert loss.item() == pytest.approx((-(adv[:, None] * mask).sum() / mask.sum() + k3_first).item(), abs=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5) and stats["clip_frac"] == 0
+    sgd_step(model, loss, lr=2.0)
+
+    expected, expected_clip, ratio = by_hand()
+    assert (ratio[mask.bool()] - 1).abs().max() > clip_eps  # the first update moved some token beyond the clip
+    loss, stats = method.loss(model, online_rl.minibatch(buffer, torch.arange(4)))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert stats["clip_frac"] == pytest.approx(expected_clip.item()) and stats["clip_frac"] > 0
+
+
 def test_a_group_with_equal_rewards_gives_no_gradient():
     model = small_model()
     grads, _ = one_step(grpo.grpo_method(beta=0.04), model, toy_buffer([3, 4, 5, 4], [1, 1, 1, 1]), group_size=4)
