@@ -11,15 +11,17 @@ Exercise: PPO (nano/align/ppo.py, lesson 11).
 """
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from adapters import impl
 from conftest import run_lesson
-from test_10_grpo import one_step, prob_of, small_model, toy_buffer
+from test_10_grpo import multi_token_buffer, one_step, prob_of, sgd_step, small_model, toy_buffer
 
 ppo = impl("ppo")
+online_rl = impl("online_rl")
 
 
 def test_gae_check_vector():
@@ -75,6 +77,74 @@ def test_one_ppo_step_raises_the_rewarded_answer():
                         train_model=actor_critic)
     assert prob_of(model, 4) > before
     assert stats["value_loss"] > 0 and stats["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ppo_prepare_and_two_epochs_on_multi_token_answers():
+    """PPO on multi-token answers, checked by hand. prepare: old values are V at the log-prob columns
+    (V[:, t], the state before token t + 1); the per-token reward is -kl_coef * (old - ref) on every
+    response column plus the answer's score on its LAST response column, nothing on prompt or padding.
+    With gamma = lambda = 1 the return R_t is the sum of the rewards from column t on, and A = whiten(R - V).
+    Then two updates: ratio 1 first; after one step the clipped policy and value losses match the formulas."""
+    model, reference = small_model(), small_model(seed=1)
+    actor_critic = ppo.ActorCritic(model)
+    torch.manual_seed(2)
+    with torch.no_grad():  # a value head that is not 0, so that values that are one column off show
+        actor_critic.value_head.weight.normal_(0, 0.5)
+        actor_critic.value_head.bias.fill_(0.3)
+    buffer, kl_coef, clip_eps, value_clip, vf_coef = multi_token_buffer(), 0.5, 0.2, 0.2, 0.1
+    method = ppo.ppo_method(kl_coef=kl_coef, clip_eps=clip_eps, value_clip=value_clip, vf_coef=vf_coef, gamma=1.0, lam=1.0)
+    ctx = online_rl.BufferContext(model=actor_critic, reference=impl("policy").frozen_copy(reference), tokenizer=None,
+                                  cfg=SimpleNamespace(group_size=4, steps_per_rollout=2))
+    method.prepare(buffer, ctx)
+    ids, response_mask = buffer.ids, buffer.response_mask
+    mask = response_mask[:, 1:].float()  # (4, T - 1)
+    with torch.no_grad():
+        old = impl("logprobs").response_logprobs(model, ids, response_mask)[0]
+        ref = impl("logprobs").response_logprobs(reference, ids, response_mask)[0]
+        values = actor_critic(ids)[1]  # (4, T)
+    assert torch.allclose(buffer.extra["old_logprobs"], old, atol=1e-6)
+    assert torch.allclose(buffer.extra["old_values"], values[:, :-1], atol=1e-5)  # V[:, t] sits in column t
+    # per-token rewards by hand
+    rewards = -kl_coef * (old - ref) * mask
+    for row in range(4):
+        last = int(mask[row].nonzero().max())  # the last response token's column
+        rewards[row, last] += buffer.extra["rewards"][row]
+    assert (rewards * mask != 0).sum() == mask.sum()  # a KL penalty on every response column
+    returns = rewards.flip(-1).cumsum(-1).flip(-1) * mask  # R_t = r_t + r_t+1 + ... (gamma = 1)
+    assert torch.allclose(buffer.extra["returns"], returns, atol=1e-5)
+    adv = (returns - values[:, :-1]) * mask  # lambda = 1: A_t = R_t - V_t
+    mean = (adv * mask).sum() / mask.sum()
+    std = (((adv - mean) ** 2 * mask).sum() / mask.sum()).sqrt()
+    adv = (adv - mean) / std * mask
+    assert torch.allclose(buffer.extra["advantages"], adv, atol=1e-4)
+
+    def by_hand():
+        with torch.no_grad():
+            logits, v = actor_critic(ids)
+            logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0] * mask
+            v = v[:, :-1]
+        ratio = torch.exp(logp - old)
+        surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+        clipped = (-adv * ratio.clamp(1 - clip_eps, 1 + clip_eps) > -adv * ratio).float()
+        v_clipped = values[:, :-1] + (v - values[:, :-1]).clamp(-value_clip, value_clip)
+        value_loss = 0.5 * (torch.maximum((v - returns) ** 2, (v_clipped - returns) ** 2) * mask).sum() / mask.sum()
+        policy_loss = (surrogate * mask).sum() / mask.sum()
+        return policy_loss, value_loss, (clipped * mask).sum() / mask.sum(), ratio
+
+    policy_loss, value_loss, _, _ = by_hand()
+    loss, stats = method.loss(actor_critic, online_rl.minibatch(buffer, torch.arange(4)))
+    assert policy_loss.item() == pytest.approx(0.0, abs=1e-5)  # ratio 1: -mean of whitened advantages
+    assert stats["value_loss"] == pytest.approx(value_loss.item(), abs=1e-5) and stats["clip_frac"] == 0
+    assert loss.item() == pytest.approx((policy_loss + vf_coef * value_loss).item(), abs=1e-5)
+    sgd_step(actor_critic, loss, lr=2.0)
+
+    policy_loss, value_loss, clip_frac, ratio = by_hand()
+    assert (ratio[mask.bool()] - 1).abs().max() > clip_eps  # the first update moved some token beyond the clip
+    loss, stats = method.loss(actor_critic, online_rl.minibatch(buffer, torch.arange(4)))
+    assert stats["policy_loss"] == pytest.approx(policy_loss.item(), abs=1e-5)
+    assert stats["value_loss"] == pytest.approx(value_loss.item(), abs=1e-5)
+    assert stats["clip_frac"] == pytest.approx(clip_frac.item()) and stats["clip_frac"] > 0
+    assert loss.item() == pytest.approx((policy_loss + vf_coef * value_loss).item(), abs=1e-5)
 
 
 def test_lesson_11_smoke_run(pipeline_dirs):
