@@ -1,6 +1,9 @@
 """Shared test set-up: the repository root on sys.path, and data/runs folders that never touch yours."""
 
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,49 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+
+# ---------------------------------------------------------------------------------------------
+# a time limit per test: a test that hangs fails with a clear error instead of stalling the whole run
+
+DEFAULT_TIME_LIMIT_S = 120.0  # generous: the slowest test takes well under a minute on a slow CI host
+
+
+class TimeLimitExceeded(Exception):
+    """A test ran past its time limit (DEFAULT_TIME_LIMIT_S, or its @pytest.mark.time_limit(seconds))."""
+
+
+@contextmanager
+def time_limit(seconds: float, what: str = "the test"):
+    """Raise TimeLimitExceeded inside the block once it has run `seconds` (wall clock), via SIGALRM.
+
+    Where there is no SIGALRM (Windows), or off the main thread (signals reach only the main thread),
+    the block runs without a limit.
+    """
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeLimitExceeded(f"{what} ran past its time limit of {seconds:g} s (a hang?); a test that needs "
+                                f"longer says so with @pytest.mark.time_limit(seconds)")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(autouse=True)
+def _time_limit(request):
+    """Every test under tests/ runs under time_limit: DEFAULT_TIME_LIMIT_S, or @pytest.mark.time_limit(seconds)."""
+    marker = request.node.get_closest_marker("time_limit")
+    seconds = float(marker.args[0]) if marker else DEFAULT_TIME_LIMIT_S
+    with time_limit(seconds, request.node.nodeid):
+        yield
 
 
 @pytest.fixture
