@@ -221,5 +221,20 @@ def test_lesson_9_smoke_run(pipeline_dirs):
     assert (run / "adapter.pth").is_file()
 
 
+def test_lesson_9_smoke_run_on_the_default_rpo_path(pipeline_dirs):
+    """The default recipe (an SFT term on the chosen answers beside DPO, RPO), end to end. Before
+    training the policy is the reference, so the DPO part of the loss is exactly ln 2 and the SFT
+    part, the chosen answers' mean NLL, comes on top of it."""
+    base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
+    run_lesson("09_dpo", "--fast_dev_run", "--checkpoint_path", str(base), "--batch_size", "2", "--micro_batch_size", "2",
+               "--max_len", "1024", "--run_name", "rpo")
+    run = pipeline_dirs / "runs" / "rlhf" / "offline" / "dpo-rpo"
+    config = json.loads((run / "config.json").read_text())
+    assert config["sft_weight"] > 0  # the default path, not the plain DPO of the run above
+    report = json.loads((run / "report.json").read_text())
+    assert report["pairs_before"]["val_loss"] > math.log(2) + 0.1  # ln 2 + sft_weight * NLL (a 4-step model's NLL is large)
+    impl("checkpoint").load_model(run / "checkpoints" / "policy_best.pth")
+
+
 def test_rpo_sft_term():
     assert dpo.chosen_nll(torch.tensor([-10.0, -20.0]), torch.tensor([5, 10])).item() == pytest.approx(2.0)
