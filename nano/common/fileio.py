@@ -24,8 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
-import torch
-
 
 def tmp_path(path: str | Path) -> Path:
     """Where `path` is written before the rename that makes it appear whole: NAME.tmp beside it."""
@@ -76,6 +74,8 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Atomically torch.save a dict of tensors and plain values (a checkpoint, an adapter)."""
+    import torch  # here, not at the top: the data and tokenizer lessons use this module and never need torch
+
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
     return Path(path)
