@@ -2,7 +2,7 @@
 Padding: token lists of different lengths made into one (B, T) tensor, the shape a model takes.
 
 The rows of a batch are rarely the same length, so the short ones are filled up with a pad id
-(<pad>, 0 with nano's tokenizer: nano/text/chat_format.py: pad_id). The pads are never read as text:
+(<pad>, 0 with nano's tokenizer: nano/text/chat_format.py: pad_token_id). The pads are never read as text:
 a mask or a length says where each row's real tokens are. Which side the pads go depends on what
 runs next:
 
