@@ -60,9 +60,9 @@ def test_group_advantages_use_each_groups_own_spread():
 
 
 def toy_buffer(answers: list[int], rewards: list[float]) -> "rollout.Rollout":
-    """One prompt [1, 2] answered with one token each; rewards given."""
+    """One prompt [1, 2] answered with one token each (as if sampled at temperature 1); rewards given."""
     ids, mask = rollout.pack_responses([[1, 2]] * len(answers), [[a] for a in answers], pad_id=0)
-    buffer = rollout.Rollout(ids, mask, [0] * len(answers), [str(a) for a in answers], [True] * len(answers))
+    buffer = rollout.Rollout(ids, mask, [0] * len(answers), [str(a) for a in answers], [True] * len(answers), temperature=1.0)
     buffer.extra["rewards"] = torch.tensor(rewards)
     return buffer
 
@@ -97,13 +97,25 @@ def test_one_grpo_step_raises_the_rewarded_answer():
     assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # first step: the policy is still its reference
 
 
+SAMPLED_AT = 0.7  # the multi-token buffer's temperature: every log-prob of the loss must be at it
+
+
 def multi_token_buffer() -> "rollout.Rollout":
-    """One prompt [1, 2] answered four times with answers of 2, 3, 2 and 1 tokens (right-padded)."""
+    """One prompt [1, 2] answered four times with answers of 2, 3, 2 and 1 tokens (right-padded), sampled
+    at temperature SAMPLED_AT."""
     answers, rewards = [[3, 4], [5, 6, 7], [3, 9], [8]], [1.0, 0.0, 1.0, 0.0]
     ids, mask = rollout.pack_responses([[1, 2]] * 4, answers, pad_id=0)
-    buffer = rollout.Rollout(ids, mask, [0] * 4, [str(a) for a in answers], [True] * 4)
+    buffer = rollout.Rollout(ids, mask, [0] * 4, [str(a) for a in answers], [True] * 4, temperature=SAMPLED_AT)
     buffer.extra["rewards"] = torch.tensor(rewards)
     return buffer
+
+
+def tempered_logprobs(model, buffer) -> torch.Tensor:
+    """log softmax(logits / T) at each response token, by hand from the full logits, 0 elsewhere: (N, T - 1)."""
+    with torch.no_grad():
+        logits = model(buffer.ids)[0][:, :-1].float() / buffer.temperature
+    picked = torch.log_softmax(logits, -1).gather(-1, buffer.ids[:, 1:, None])[..., 0]
+    return picked * buffer.response_mask[:, 1:]
 
 
 def sgd_step(model, loss, lr):
@@ -119,7 +131,8 @@ def test_grpo_two_epochs_on_multi_token_answers_match_the_formula():
     """Two updates on one buffer of multi-token answers (steps_per_rollout = 2). prepare stores the sampling
     policy's log-probs; on the first update the ratio is 1 (loss = -token mean of A, nothing clipped), on
     the second the ratio has moved and the loss is, by hand, the token mean of
-    max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) + beta * k3, with the clip fraction counted the same way."""
+    max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) + beta * k3, with the clip fraction counted the same way.
+    Every log-prob (policy, old, reference) is of softmax(logits / T), T the buffer's sampling temperature."""
     model, reference = small_model(), small_model(seed=1)  # a reference other than the policy: k3 > 0
     buffer, clip_eps, beta = multi_token_buffer(), 0.2, 0.1
     method = grpo.grpo_method(beta=beta, clip_eps=clip_eps)
@@ -129,15 +142,12 @@ def test_grpo_two_epochs_on_multi_token_answers_match_the_formula():
     mask = buffer.response_mask[:, 1:].float()  # (4, T - 1) response columns
     adv = grpo.group_advantages(buffer.extra["rewards"], 4)
     assert torch.allclose(buffer.extra["advantages"], adv)
-    with torch.no_grad():
-        old = logprobs.response_logprobs(model, buffer.ids, buffer.response_mask)[0]
-        ref = logprobs.response_logprobs(reference, buffer.ids, buffer.response_mask)[0]
+    old, ref = tempered_logprobs(model, buffer), tempered_logprobs(reference, buffer)
     assert torch.allclose(buffer.extra["old_logprobs"], old, atol=1e-6)
     assert torch.allclose(buffer.extra["ref_logprobs"], ref, atol=1e-6)
 
     def by_hand():
-        with torch.no_grad():
-            logp = logprobs.response_logprobs(model, buffer.ids, buffer.response_mask)[0]
+        logp = tempered_logprobs(model, buffer)
         ratio = torch.exp(logp - old)
         a = adv[:, None].expand_as(logp)
         per_token = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_eps, 1 + clip_eps))
@@ -158,6 +168,53 @@ def test_grpo_two_epochs_on_multi_token_answers_match_the_formula():
     loss, stats = method.loss(model, online_rl.minibatch(buffer, torch.arange(4)))
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     assert stats["clip_frac"] == pytest.approx(expected_clip.item()) and stats["clip_frac"] > 0
+
+
+TOY_TOKENIZER = SimpleNamespace(special_tokens={"<pad>": 0, "<eos>": 1, "<end_of_turn>": 3},
+                                decode=lambda ids: " ".join(map(str, ids)))
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.6])
+def test_the_loss_recomputes_the_log_probs_the_sampler_drew_with(temperature):
+    """Rollouts sampled at T != 1: before any update, the log-prob the loss computes for each response
+    token (buffer_logprobs, response_logprobs at the buffer's temperature) is the log-prob the sampler
+    drew it with — so the first ratio pi / pi_old is exactly the one of the sampling distribution.
+    At T = 1 the same tokens get other numbers: that would be another policy's log-probs."""
+    model = small_model()
+    buffer = rollout.sample_responses(model, TOY_TOKENIZER, [[2, 5], [6, 7, 8]], group_size=4, max_new_tokens=6,
+                                      temperature=temperature, seed=0)
+    assert buffer.temperature == temperature
+    columns = buffer.response_mask[:, 1:].bool()  # (8, T - 1): the response tokens' log-prob columns
+    drawn = buffer.sampled_logprobs[columns]
+    assert torch.allclose(online_rl.buffer_logprobs(model, buffer)[columns], drawn, atol=1e-5)
+    assert torch.allclose(tempered_logprobs(model, buffer)[columns], drawn, atol=1e-5)
+    untempered = logprobs.response_logprobs(model, buffer.ids, buffer.response_mask)[0][columns]
+    assert (untempered - drawn).abs().max() > 0.05
+    # GRPO with two steps per buffer stores these as pi_old
+    method, cfg = grpo.grpo_method(beta=0.0), SimpleNamespace(group_size=4, steps_per_rollout=2)
+    buffer.extra["rewards"] = torch.arange(8.0)
+    method.prepare(buffer, online_rl.BufferContext(model, policy.frozen_copy(model), cfg, None))
+    assert torch.allclose(buffer.extra["old_logprobs"][columns], drawn, atol=1e-5)
+
+
+def test_k3_of_tokens_sampled_at_T_estimates_the_KL_of_the_tempered_distributions():
+    """k3 is unbiased for KL(p || q) only when the tokens are drawn from p. Tokens drawn by sample_next at
+    T = 0.7: the mean of k3 computed from the tempered log-probs matches the exact KL between the two
+    tempered distributions (within 4 standard errors); computed from untempered log-probs it does not."""
+    generate = impl("generate")
+    policy_logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    reference_logits = torch.tensor([0.0, 1.5, 0.5, 0.0, -1.0])
+    temperature, n = 0.7, 200_000
+    tokens = generate.sample_next(policy_logits.expand(n, 5), temperature, generator=torch.Generator().manual_seed(0))
+    p = generate.sampling_logprobs(policy_logits[None], temperature)[0]  # (5,) log p_T
+    q = generate.sampling_logprobs(reference_logits[None], temperature)[0]
+    exact = float((p.exp() * (p - q)).sum())  # KL(p_T || q_T)
+    k3 = logprobs.kl_estimates(p[tokens], q[tokens])["k3"]
+    stderr = float(k3.std()) / n**0.5
+    assert abs(float(k3.mean()) - exact) < 4 * stderr
+    p1, q1 = torch.log_softmax(policy_logits, -1), torch.log_softmax(reference_logits, -1)
+    untempered = float(logprobs.kl_estimates(p1[tokens], q1[tokens])["k3"].mean())
+    assert abs(untempered - exact) > 20 * stderr
 
 
 def test_a_group_with_equal_rewards_gives_no_gradient():

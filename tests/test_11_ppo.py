@@ -18,7 +18,7 @@ import torch
 
 from adapters import impl
 from conftest import run_lesson
-from test_10_grpo import multi_token_buffer, one_step, prob_of, sgd_step, small_model, toy_buffer
+from test_10_grpo import multi_token_buffer, one_step, prob_of, sgd_step, small_model, tempered_logprobs, toy_buffer
 
 ppo = impl("ppo")
 online_rl = impl("online_rl")
@@ -98,9 +98,8 @@ def test_ppo_prepare_and_two_epochs_on_multi_token_answers():
     method.prepare(buffer, ctx)
     ids, response_mask = buffer.ids, buffer.response_mask
     mask = response_mask[:, 1:].float()  # (4, T - 1)
+    old, ref = tempered_logprobs(model, buffer), tempered_logprobs(reference, buffer)  # at the sampling temperature
     with torch.no_grad():
-        old = impl("logprobs").response_logprobs(model, ids, response_mask)[0]
-        ref = impl("logprobs").response_logprobs(reference, ids, response_mask)[0]
         values = actor_critic(ids)[1]  # (4, T)
     assert torch.allclose(buffer.extra["old_logprobs"], old, atol=1e-6)
     assert torch.allclose(buffer.extra["old_values"], values[:, :-1], atol=1e-5)  # V[:, t] sits in column t
@@ -120,9 +119,8 @@ def test_ppo_prepare_and_two_epochs_on_multi_token_answers():
 
     def by_hand():
         with torch.no_grad():
-            logits, v = actor_critic(ids)
-            logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0] * mask
-            v = v[:, :-1]
+            v = actor_critic(ids)[1][:, :-1]
+        logp = tempered_logprobs(model, buffer)
         ratio = torch.exp(logp - old)
         surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps))
         clipped = (-adv * ratio.clamp(1 - clip_eps, 1 + clip_eps) > -adv * ratio).float()

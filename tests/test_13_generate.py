@@ -132,6 +132,21 @@ def test_batch_equals_one_by_one(model):
     assert batch == alone
 
 
+def test_batch_returns_the_log_probs_it_sampled_with(model):
+    """return_logprobs: each new id comes with its log-prob under the distribution it was drawn from
+    (temperature, top-k): the same tokens as without it, and a log-prob that is 0 or below, finite;
+    with top_k=1 every draw is certain (log-prob 0). Greedy has no distribution: a clear error."""
+    prompts = [random_prompt(n, 20 + n) for n in (3, 6)]
+    plain = generate_mod.generate_batch(model, prompts, max_new_tokens=8, temperature=0.8, seed=5)
+    tokens, drawn = generate_mod.generate_batch(model, prompts, max_new_tokens=8, temperature=0.8, seed=5, return_logprobs=True)
+    assert tokens == plain and [len(d) for d in drawn] == [len(t) for t in tokens]
+    assert all(-50 < x <= 0 for row in drawn for x in row)
+    _, certain = generate_mod.generate_batch(model, prompts, max_new_tokens=4, temperature=0.8, top_k=1, return_logprobs=True)
+    assert all(x == pytest.approx(0.0, abs=1e-6) for row in certain for x in row)
+    with pytest.raises(ValueError, match="sampling"):
+        generate_mod.generate_batch(model, prompts, max_new_tokens=4, return_logprobs=True)
+
+
 def test_stop_token_stops_each_row(model):
     prompt = random_prompt(4, 5)
     free = generate_mod.generate(model, prompt, max_new_tokens=20)

@@ -153,7 +153,8 @@ def grpo_method(beta: float, aggregation: str = "token", clip_eps: float = 0.2, 
         buffer.extra["ref_logprobs"] = buffer_logprobs(ctx.reference, buffer)
 
     def loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        logp, entropy = response_logprobs(model, batch["ids"], batch["response_mask"], with_entropy=True)  # (B, T-1)
+        logp, entropy = response_logprobs(model, batch["ids"], batch["response_mask"], with_entropy=True,
+                                          temperature=batch["temperature"])  # (B, T-1), at the sampling temperature
         mask = batch["response_mask"][:, 1:]
         # one update per buffer: the sampling policy IS the current one, so old = logp (ratio 1, no clip)
         old = batch.get("old_logprobs", logp.detach())

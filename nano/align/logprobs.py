@@ -12,6 +12,14 @@ padding is not text at all. We keep one layout for all of them, a right-padded b
 and `token_logprobs(model, ids)[:, t]` = log p(ids[t + 1] | ids[:t + 1]), so the log-prob of the
 token at position t is column t - 1: `response_mask[:, 1:]` picks exactly the response's columns.
 
+Whose probabilities? Those of the distribution the tokens were DRAWN from. RL samples its answers at
+a temperature T (lesson 10: 0.7), i.e. from softmax(logits / T), so every log-prob of a rollout — the
+policy's, the policy that sampled it, the reference's — is computed at that T
+(`response_logprobs(..., temperature=T)`). Computed at T = 1 instead, the importance ratio pi / pi_old
+and the KL estimates would be about another distribution than the one the tokens came from, and k3
+would no longer be unbiased (TRL's GRPO trainer scales its log-probs by the temperature for the same
+reason). DPO scores fixed pairs nobody sampled: T = 1 there.
+
 The pieces, in the order the lessons meet them:
   * token_logprobs / sequence_logprob: the policy's (with gradients) and the reference's (without),
   * masked_mean / group_std: averages over the response tokens, spreads over a group of answers,
@@ -44,9 +52,11 @@ def token_logprobs(model: torch.nn.Module, ids: torch.Tensor, logits: torch.Tens
 
 
 def response_logprobs(model: torch.nn.Module, ids: torch.Tensor, response_mask: torch.Tensor,
-                      hidden: torch.Tensor | None = None, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      hidden: torch.Tensor | None = None, with_entropy: bool = False,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """token_logprobs, computed ONLY where response_mask[:, 1:] is 1 (0 elsewhere): (B, T - 1), and the
-    entropy there if asked.
+    entropy there if asked, both of softmax(logits / temperature): the distribution the tokens were
+    sampled from (see the module docstring; nano/model/generate.py: sampling_logprobs).
 
     The same numbers as token_logprobs(model, ids) * response_mask[:, 1:], several times cheaper: the
     (B, T, V) logits are the biggest tensor of the whole step, and most of a batch's positions are
@@ -54,10 +64,13 @@ def response_logprobs(model: torch.nn.Module, ids: torch.Tensor, response_mask: 
     vocabulary projection only on the response's positions. `hidden`: model.forward_hidden(ids), if
     already computed (PPO's value head reads it too).
     """
+    if temperature <= 0:
+        raise ValueError(f"log-probs need a sampling temperature > 0, got {temperature} (greedy has no distribution)")
     if hidden is None:
         hidden = model.forward_hidden(ids)  # (B, T, d)
     columns = response_mask[:, 1:].bool()  # (B, T-1): position t predicts token t + 1
-    logp_all = F.log_softmax(model.lm_head(hidden[:, :-1][columns]), dim=-1)  # (n, V), n = response tokens
+    logits = model.lm_head(hidden[:, :-1][columns])  # (n, V), n = response tokens
+    logp_all = F.log_softmax(logits / temperature, dim=-1)  # (n, V)
     picked = logp_all.gather(-1, ids[:, 1:][columns].unsqueeze(-1)).squeeze(-1)  # (n,)
     logp = torch.zeros(columns.shape, dtype=picked.dtype, device=ids.device).masked_scatter(columns, picked)
     entropy = None

@@ -82,6 +82,9 @@ class OnlineRLConfig(PolicyConfig):
     micro_batch_size: int = field(default=0, metadata={"help": "rows per forward pass (0 = the whole step)"})
 
     def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0 (got {self.temperature}): greedy rollouts give every answer "
+                             "of a group the same reward, and their tokens have no sampling distribution")
         if self.fast_dev_run:
             self.prompts_per_rollout, self.group_size, self.max_new_tokens = 2, 4, 24
             self.val_prompts, self.eval_problems = min(self.val_prompts, 8), 0
@@ -195,18 +198,20 @@ class OnlineMethod:
 
 @torch.no_grad()
 def buffer_logprobs(model: torch.nn.Module, buffer: Rollout, chunk: int = 64) -> torch.Tensor:
-    """response_logprobs of a whole buffer without gradients, `chunk` rows at a time, in eval mode: (N, T - 1)."""
+    """response_logprobs of a whole buffer without gradients, `chunk` rows at a time, in eval mode, at the
+    temperature the buffer was sampled with: (N, T - 1)."""
     ids, mask = buffer.ids, buffer.response_mask
     with eval_mode(model):
-        return torch.cat([response_logprobs(model, ids[i : i + chunk], mask[i : i + chunk])[0]
+        return torch.cat([response_logprobs(model, ids[i : i + chunk], mask[i : i + chunk], temperature=buffer.temperature)[0]
                           for i in range(0, ids.shape[0], chunk)])
 
 
 def minibatch(buffer: Rollout, rows: torch.Tensor) -> dict:
-    """Rows of the buffer, trimmed to the longest of them: ids, response_mask and every per-row extra."""
+    """Rows of the buffer, trimmed to the longest of them: ids, response_mask, every per-row extra, and the
+    temperature the rows were sampled at (the loss computes its log-probs there)."""
     mask = buffer.response_mask[rows]
     width = max(int(real_lengths(mask).max()), 2)
-    out = {"ids": buffer.ids[rows, :width], "response_mask": mask[:, :width]}
+    out = {"ids": buffer.ids[rows, :width], "response_mask": mask[:, :width], "temperature": buffer.temperature}
     for key, value in buffer.extra.items():
         if isinstance(value, torch.Tensor) and value.shape[0] == len(buffer):
             out[key] = value[rows][:, : width - 1] if value.dim() == 2 else value[rows]

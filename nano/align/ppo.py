@@ -8,6 +8,9 @@ the score of the whole answer — plus a small penalty at every token for drifti
     r_t = -kl_coef * (log pi_old(token_t) - log pi_ref(token_t))      for every response token
     r_T += score(answer)                                             at the last response token
 
+(every log-prob here, pi, pi_old and pi_ref, is of the distribution the tokens were sampled from,
+softmax(logits / temperature): nano/align/logprobs.py says why)
+
 The critic V_t guesses the return to come from each position. Generalised Advantage Estimation
 (GAE, Schulman et al. 2016) turns rewards and values into per-token advantages, going backwards:
 
@@ -139,7 +142,8 @@ def ppo_method(kl_coef: float, clip_eps: float = 0.2, value_clip: float = 0.2, v
 
     def loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         hidden = model.policy.forward_hidden(batch["ids"])  # (B, T, d): one pass for the actor and the critic
-        logp, entropy = response_logprobs(model.policy, batch["ids"], batch["response_mask"], hidden, with_entropy=True)
+        logp, entropy = response_logprobs(model.policy, batch["ids"], batch["response_mask"], hidden, with_entropy=True,
+                                          temperature=batch["temperature"])  # at the sampling temperature
         values = model.values(hidden)  # (B, T)
         mask = batch["response_mask"][:, 1:].float()
         policy_loss, clip_frac = ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, clip_eps)

@@ -41,6 +41,9 @@ class Rollout:
     ids (N, T) and response_mask (N, T) as in the module docstring; prompt_index[i] says which
     prompt row i answers (the G answers of one prompt are rows [g*G, (g+1)*G)); texts are the
     decoded responses (stop token removed); finished[i] is False when a response hit the length limit.
+    temperature is what they were sampled at (0: greedy), and sampled_logprobs (N, T - 1) the log-prob
+    each token was drawn with, in the columns of response_logprobs (None for greedy answers): every
+    log-prob an RL loss computes for these tokens must be of that same distribution.
     """
 
     ids: torch.Tensor
@@ -48,6 +51,8 @@ class Rollout:
     prompt_index: list[int]
     texts: list[str]
     finished: list[bool]
+    temperature: float
+    sampled_logprobs: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # what each method adds: rewards, advantages, ...
 
     def __len__(self) -> int:
@@ -87,22 +92,33 @@ def sample_responses(
 
     Row g * group_size + j is answer j to prompt g. A response keeps its stop token (<end_of_turn>):
     the policy is trained to stop, as in SFT. Sampling is what makes a group: the same prompt,
-    different answers, so their rewards can be compared.
+    different answers, so their rewards can be compared. temperature 0 gives greedy answers (to grade).
     """
     stops = stop_token_ids(tokenizer)
     pad_id = pad_token_id(tokenizer)
+    sampling = temperature > 0
     repeated = [list(p) for p in prompts for _ in range(group_size)]
     responses: list[list[int]] = []
+    drawn: list[list[float]] = []  # per response token: its log-prob under the sampler's distribution
     for start in range(0, len(repeated), batch_size):  # generate_batch runs the model in eval mode
         chunk = repeated[start : start + batch_size]
-        responses += generate_batch(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    stop_tokens=stops, seed=None if seed is None else seed + start, pad_id=pad_id)
+        out = generate_batch(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             stop_tokens=stops, seed=None if seed is None else seed + start, pad_id=pad_id,
+                             return_logprobs=sampling)
+        responses += out[0] if sampling else out
+        drawn += out[1] if sampling else []
     device = next(model.parameters()).device
     ids, mask = pack_responses(repeated, responses, pad_id)
+    sampled_logprobs = None
+    if sampling:  # the token at position p is column p - 1 (nano/align/logprobs.py)
+        sampled_logprobs = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+        for row, (p, values) in enumerate(zip(repeated, drawn)):
+            sampled_logprobs[row, len(p) - 1 : len(p) - 1 + len(values)] = torch.tensor(values)
+        sampled_logprobs = sampled_logprobs.to(device)
     texts = [tokenizer.decode([t for t in r if t not in stops]) for r in responses]
     finished = [bool(r) and r[-1] in stops for r in responses]
     return Rollout(ids.to(device), mask.to(device), [g for g in range(len(prompts)) for _ in range(group_size)],
-                   texts, finished)
+                   texts, finished, temperature if sampling else 0.0, sampled_logprobs)
 
 
 # ---------------------------------------------------------------------------------------------

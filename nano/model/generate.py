@@ -74,6 +74,34 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """The logits `sample_next` draws from: logits (B, V) / temperature, then top-k and top-p
+    (-inf where they filtered). Their softmax is the sampling distribution."""
+    if temperature <= 0.0:
+        raise ValueError("temperature 0 is greedy decoding: it has no distribution to draw from")
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    return logits
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                      top_p: float | None = None) -> torch.Tensor:
+    """The distribution `sample_next` draws from, as log-probabilities: logits (B, V) -> (B, V).
+
+    RL needs these exact numbers: the log-prob of a sampled token is its log-prob under THIS
+    distribution, not under the model's untempered softmax (nano/align/logprobs.py: response_logprobs
+    takes the temperature).
+
+    >>> sampling_logprobs(torch.tensor([[2.0, 0.0]]), temperature=0.5).exp()   # softmax([4, 0])
+    tensor([[0.9820, 0.0180]])
+    """
+    return torch.log_softmax(sampling_logits(logits, temperature, top_k, top_p), dim=-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -84,17 +112,12 @@ def sample_next(
     """Pick one token per row from logits (B, V) -> ids (B,).
 
     temperature 0 (or below) is greedy: the argmax, no randomness. Otherwise the logits are divided
-    by the temperature (< 1 sharpens, > 1 flattens), filtered by top-k then top-p, and one token is
-    drawn from the softmax with `generator` (seeded, for reproducible samples).
+    by the temperature (< 1 sharpens, > 1 flattens), filtered by top-k then top-p (`sampling_logits`),
+    and one token is drawn from their softmax with `generator` (seeded, for reproducible samples).
     """
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)  # (B, V), zeros where filtered
+    probs = torch.softmax(sampling_logits(logits, temperature, top_k, top_p), dim=-1)  # (B, V), zeros where filtered
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
@@ -360,7 +383,8 @@ def generate_batch(
     repetition_stop: int = 0,
     should_stop: Callable[[list[int]], bool] | None = None,
     pad_id: int = 0,
-) -> list[list[int]]:
+    return_logprobs: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """`generate` for several prompts at once, with one KV cache for the batch; returns each row's new ids.
 
     The prompts are left-padded (`left_pad`) and the padding is hidden from attention by key_mask,
@@ -371,6 +395,9 @@ def generate_batch(
     at max_new_tokens, in a loop (`repetition_stop`), or when `should_stop(row_new_ids)` says so — and
     finished rows are fed padding until the whole batch is done. The context limit is the same as
     `generate`'s, measured on the longest prompt (the padded length), so it ends every row at once.
+
+    return_logprobs=True (sampling only) also returns, for every new id, its log-prob under the
+    distribution it was drawn from (`sampling_logprobs`): the numbers an RL loss must reproduce.
     """
     device = next(model.parameters()).device
     context_len = context_len_of(model)
@@ -378,8 +405,11 @@ def generate_batch(
     generator = make_generator(seed, device)
     prompts = [_crop_prompt(p, context_len) for p in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
+    drawn_logprobs: list[list[float]] = [[] for _ in prompts]  # filled only with return_logprobs
+    if return_logprobs and temperature <= 0.0:
+        raise ValueError("return_logprobs needs sampling (temperature > 0): greedy picks have no distribution")
     if max_new_tokens <= 0 or not prompts:
-        return outputs
+        return (outputs, drawn_logprobs) if return_logprobs else outputs
 
     # 1. prefill every prompt at once, left-padded
     ids, key_mask = left_pad(prompts, pad_id)  # (B, T) each
@@ -393,17 +423,21 @@ def generate_batch(
     # 2. decode, one token per row per step
     while True:
         next_tokens = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+        if return_logprobs:  # the same distribution sample_next drew from, at the drawn ids
+            picked = sampling_logprobs(logits[:, -1], temperature, top_k, top_p).gather(-1, next_tokens[:, None])
         for row, token in enumerate(next_tokens.tolist()):
             if done[row]:
                 continue
             outputs[row].append(token)
+            if return_logprobs:
+                drawn_logprobs[row].append(float(picked[row]))
             # the same context rule as `generate`, measured on the padded sequence (kv_cache.pos + 1,
             # equal for every row): the rows still going all reach it at once
             if stop_reason(outputs[row], kv_cache.pos + 1, context_len, max_new_tokens, stop_set, repetition_stop,
                            should_stop) is not None:
                 done[row] = True
         if all(done):
-            return outputs
+            return (outputs, drawn_logprobs) if return_logprobs else outputs
         # finished rows are fed <pad>: their results are ignored, and rows never see each other
         feed = torch.tensor([[pad_id] if done[row] else [outputs[row][-1]] for row in range(batch)], device=device)
         logits = next_logits(model, feed, kv_cache)  # (B, 1, V)
