@@ -9,7 +9,8 @@ Lesson 0: data. Write everything the later lessons read into data/raw/, offline 
     python lessons/00_data.py --fast_dev_run                       # tiny counts, a smoke test (data/fast-dev-run/raw/)
 
 Stories come from `--source` (built in: nano/data/stories.py); TinyMath (nano/data/tinymath.py), conversations
-and preference pairs (nano/data/synthetic.py) and RL prompts always come from the built-in generator,
+and preference pairs (nano/data/synthetic.py) and RL prompts (TinyMath, and "use the words ...") always
+come from the built-in generator,
 seeded by `--seed`. Each file is written to a temporary name and renamed when complete, and
 manifest.json is written last: its presence means lesson 0 finished. Run it again with the same
 arguments and it skips the work that is done.
@@ -53,6 +54,8 @@ class DataConfig:
     val_preferences: int = field(default=200, metadata={"help": "preference pairs held out for validation"})
     rl_prompts: int = field(default=2000, metadata={"help": "RL prompts with a numeric answer (train)"})
     rl_test: int = field(default=200, metadata={"help": "RL test prompts: the first N TinyMath test problems"})
+    words_prompts: int = field(default=2000, metadata={"help": "'use the words ...' prompts to practise with RL (train)"})
+    words_test: int = field(default=200, metadata={"help": "'use the words ...' prompts held out (word sets no training prompt asks for)"})
     data_limit_mb: float = field(default=0.0, metadata={"help": "tinystories / a path: keep only the first N MB of stories (0 = all; 100 is plenty on a CPU)"})
     gsm8k: str = field(default="", metadata={"help": "'' (none: lesson 12 uses TinyMath only), 'download', or a path to GSM8K jsonl (test.jsonl, or a folder with test/train.jsonl)"})
     fast_dev_run: bool = field(default=False, metadata={"help": "tiny counts for a smoke test (a few hundred stories)"})
@@ -61,7 +64,7 @@ class DataConfig:
 
     def __post_init__(self):
         for name in ("stories", "val_stories", "conversations", "val_conversations", "tinymath_train", "tinymath_test",
-                     "preferences", "val_preferences", "rl_prompts", "rl_test"):
+                     "preferences", "val_preferences", "rl_prompts", "rl_test", "words_prompts", "words_test"):
             if getattr(self, name) < 0:
                 raise ValueError(f"field '{name}' must be >= 0, got {getattr(self, name)}")
         if self.rl_test > self.tinymath_test:
@@ -73,7 +76,8 @@ class DataConfig:
 
 # --fast_dev_run caps every count at these
 FAST_DEV_COUNTS = {"stories": 300, "val_stories": 50, "conversations": 100, "val_conversations": 20, "tinymath_train": 100,
-                   "tinymath_test": 40, "preferences": 40, "val_preferences": 12, "rl_prompts": 40, "rl_test": 20}
+                   "tinymath_test": 40, "preferences": 40, "val_preferences": 12, "rl_prompts": 40, "rl_test": 20,
+                   "words_prompts": 40, "words_test": 20}
 
 
 def counts_of(cfg: DataConfig) -> dict[str, int]:
@@ -190,6 +194,17 @@ def step_rl_prompts(cfg: DataConfig, counts: dict, raw: Path) -> dict:
             "rl_prompts_train.jsonl": write_rows(raw / "rl_prompts_train.jsonl", tinymath.rl_prompts(train))}
 
 
+def step_words_prompts(cfg: DataConfig, counts: dict, raw: Path) -> dict:
+    # test first, with word sets that neither SFT's "use the words" conversations nor the RL training
+    # prompts ask for; then train, without the test's sets
+    sft_sets = {frozenset(c["required_words"]) for c in read_jsonl(raw / "instructions_train.jsonl") if c["task"] == "words"}
+    test = synthetic.words_prompts(cfg.seed, counts["words_test"], "test", exclude_word_sets=sft_sets)
+    train = synthetic.words_prompts(cfg.seed, counts["words_prompts"], "train",
+                                    exclude_word_sets={frozenset(p["required_words"]) for p in test})
+    return {"words_prompts_test.jsonl": write_rows(raw / "words_prompts_test.jsonl", test),
+            "words_prompts_train.jsonl": write_rows(raw / "words_prompts_train.jsonl", train)}
+
+
 GSM8K_HINT = ("leave out --gsm8k (lesson 12 then evaluates on TinyMath only), "
               "or pass --gsm8k PATH to a local copy of test.jsonl")
 
@@ -220,7 +235,8 @@ def step_gsm8k(cfg: DataConfig, counts: dict, raw: Path) -> dict:
 
 STEPS: list[tuple[str, Callable[[DataConfig, dict, Path], dict]]] = [
     ("stories", step_stories), ("instructions", step_instructions), ("tinymath", step_tinymath),
-    ("preferences", step_preferences), ("rl_prompts", step_rl_prompts), ("gsm8k", step_gsm8k),
+    ("preferences", step_preferences), ("rl_prompts", step_rl_prompts), ("words_prompts", step_words_prompts),
+    ("gsm8k", step_gsm8k),
 ]
 
 

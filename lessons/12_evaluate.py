@@ -1,9 +1,10 @@
 """
-Lesson 12: the final exam. Every stage trained so far answers the same held-out math problems, and
-is scored on the same held-out stories, side by side in one table.
+Lesson 12: the final exam. Every stage trained so far answers the same held-out math problems, every
+chat stage writes stories that must use given words (the words skill, nano/eval/words_skill.py), and
+each is scored on the same held-out stories, side by side in one table.
 
     make lesson-12                                   # every stage that exists (a few CPU minutes)
-    python lessons/12_evaluate.py --tasks tinymath --limit 50
+    python lessons/12_evaluate.py --tasks tinymath,words --limit 50
     python lessons/12_evaluate.py --checkpoint_path runs/sft/full/default/checkpoints/ckpt_best.pth \\
         --tasks gsm8k --limit 20                     # one checkpoint (needs GSM8K, see below)
     python lessons/12_evaluate.py --checkpoint_path runs/pretrain/default/checkpoints/ckpt_best.pth \\
@@ -37,12 +38,16 @@ from nano.checkpoints.checkpoint import load_tokenizer
 from nano.checkpoints.loading import STAGES, Stage
 from nano.eval.evaluate import evaluate_model, load_task, parse_tasks, task_path
 from nano.eval.val_loss import token_byte_lengths, validation_loss
+from nano.eval.words_skill import MAX_NEW_TOKENS as WORDS_MAX_NEW_TOKENS
+from nano.eval.words_skill import evaluate_words, load_words_prompts
 
 # Per-task defaults. TinyMath's worked answers are 48 tokens long at the median, 73 at most (lesson
 # 1's tokenizer writes every digit as a token): 96 leaves room. GSM8K's answers are long and slow to
 # generate, and a model this small scores ~0 on them anyway, so fewer problems.
+# The words task asks for whole stories (chat stages only: the base model cannot take a request).
 TASK_DEFAULTS = {
     "tinymath": {"limit": 200, "max_new_tokens": 96},
+    "words": {"limit": 200, "max_new_tokens": WORDS_MAX_NEW_TOKENS},
     "gsm8k": {"limit": 50, "max_new_tokens": 256},
 }
 
@@ -54,8 +59,8 @@ class EvalConfig:
     quantize: bool = field(default=False, metadata={"help": "NF4-quantize --checkpoint_path's projections (QLoRA adapters want this)"})
     mode: str = field(default="auto", metadata={"help": "prompting for --checkpoint_path (auto: few-shot for a pretrain checkpoint, else chat)",
                                                 "choices": ["auto", "chat", "fewshot"]})
-    tasks: str = field(default="", metadata={"help": "comma-separated: tinymath, gsm8k ('' = tinymath, plus gsm8k if it is on disk)"})
-    limit: int = field(default=0, metadata={"help": "problems per task (0 = tinymath 200, gsm8k 50)"})
+    tasks: str = field(default="", metadata={"help": "comma-separated: tinymath, words, gsm8k ('' = tinymath and words, plus gsm8k if it is on disk)"})
+    limit: int = field(default=0, metadata={"help": "problems per task (0 = tinymath 200, words 200, gsm8k 50)"})
     num_fewshot: int = field(default=3, metadata={"help": "worked examples shown to the base model (fewer if the context is full)"})
     max_new_tokens: int = field(default=0, metadata={"help": "answer length cap (0 = tinymath 96, gsm8k 256; at most half the context)"})
     batch_size: int = field(default=16, metadata={"help": "problems generated together"})
@@ -98,15 +103,27 @@ def mode_of(stage: Stage) -> str:
 def choose_tasks(cfg: EvalConfig) -> tuple[list[str], list[str]]:
     """(tasks to run, tasks shown as skipped). Asked-for tasks must exist; GSM8K is optional by default."""
     if cfg.tasks:
-        tasks = parse_tasks(cfg.tasks)  # an unknown name is an error listing the known ones
+        names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+        math = [t for t in names if t != "words"]
+        tasks = parse_tasks(",".join(math)) if math else []  # an unknown name is an error listing the known ones
         for task in tasks:  # fail now, before loading any model, if a task's file is missing
             load_task(task, path=(cfg.gsm8k_path or None) if task == "gsm8k" else None, limit=1)
+        if "words" in names:
+            load_words_prompts("test")
+            tasks.insert(min(1, len(tasks)), "words")
         return tasks, []
+    tasks, skipped = ["tinymath"], []
+    try:
+        load_words_prompts("test")
+        tasks.append("words")
+    except FileNotFoundError as e:  # data/raw/ from before lesson 0 wrote them
+        print(f"words: {e}")
+        skipped.append("words")
     if cfg.gsm8k_path or task_path("gsm8k").is_file():
-        return ["tinymath", "gsm8k"], []
-    print(f'GSM8K: not on disk ({task_path("gsm8k")}), so only TinyMath is evaluated. '
+        return tasks + ["gsm8k"], skipped
+    print(f'GSM8K: not on disk ({task_path("gsm8k")}), so it is not evaluated. '
           'To add it: make lesson-0 ARGS="--gsm8k download" (needs the network), or --gsm8k_path FILE.')
-    return ["tinymath"], ["gsm8k"]
+    return tasks, skipped + ["gsm8k"]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -124,10 +141,13 @@ def evaluate_stage(stage: Stage, tasks: list[str], cfg: EvalConfig, device: str,
            "adapter": str(info["adapter_path"]) if info["adapter_path"] else None, "quantized": stage.quantize,
            "results": {}}
 
-    # 3a. the math problems, graded; every sample goes to a jsonl file to read afterwards
+    # 3a. the math problems and the words requests, graded; every sample goes to a jsonl file
     for task in tasks:
         limit = cfg.limit or TASK_DEFAULTS[task]["limit"]
         samples = out_dir / "samples" / f"{stage.name}_{task}.jsonl"
+        if task == "words":
+            row["results"]["words"] = words_task(model, tokenizer, mode, limit, cfg, samples)
+            continue
         result = evaluate_model(
             model, tokenizer, task, limit=limit, mode=mode,
             num_fewshot=cfg.num_fewshot if mode == "fewshot" else 0, batch_size=cfg.batch_size,
@@ -160,6 +180,21 @@ def evaluate_stage(stage: Stage, tasks: list[str], cfg: EvalConfig, device: str,
     return row
 
 
+def words_task(model: torch.nn.Module, tokenizer, mode: str, limit: int, cfg: EvalConfig, samples: Path) -> dict | None:
+    """The words skill of a chat stage on the held-out requests, greedy (None for the base model)."""
+    if mode != "chat":
+        print("words: skipped (the base model has never seen a request)")
+        return None
+    result = evaluate_words(model, tokenizer, load_words_prompts("test")[:limit], batch_size=cfg.batch_size,
+                            max_new_tokens=cfg.max_new_tokens or TASK_DEFAULTS["words"]["max_new_tokens"],
+                            out_jsonl=samples, progress="words (chat)")
+    result.pop("rows")
+    result["samples"] = str(samples)
+    print(f"words: every word used in {result['correct']}/{result['n']} = {100 * result['accuracy']:.1f}% "
+          f"± {100 * result['stderr']:.1f}; share of words used {100 * result['mean_share']:.1f}% -> {samples}")
+    return result
+
+
 # -----------------------------------------------------------------------------------------------
 # 4. the table, the chart, the files
 
@@ -171,9 +206,12 @@ def percent(result: dict | None) -> str:
     return f"{100 * result['accuracy']:.1f}% ± {100 * result['stderr']:.1f} (n={result['n']})"
 
 
+COLUMN = {"words": "words: all used ± stderr"}
+
+
 def table(rows: list[dict], tasks: list[str], skipped: list[str]) -> str:
     """One markdown table: a row per stage, trained or not; a column per task."""
-    header = ["stage", "mode"] + [f"{t} acc ± stderr" for t in tasks + skipped] + ["val loss", "bpb"]
+    header = ["stage", "mode"] + [COLUMN.get(t, f"{t} acc ± stderr") for t in tasks + skipped] + ["val loss", "bpb"]
     lines = []
     for row in rows:
         if row["status"] != "evaluated":
@@ -181,7 +219,8 @@ def table(rows: list[dict], tasks: list[str], skipped: list[str]) -> str:
         else:
             mode = "chat" if row["mode"] == "chat" else "few-shot"
             cells = ([row["stage"] + (" (4-bit)" if row["quantized"] else ""), mode]
-                     + [percent(row["results"].get(t)) for t in tasks] + ["not downloaded"] * len(skipped)
+                     + [percent(row["results"].get(t)) for t in tasks]
+                     + ["not downloaded" if t == "gsm8k" else "not on disk" for t in skipped]
                      + [f"{row['val_loss']:.3f}" if math.isfinite(row["val_loss"]) else "—",
                         f"{row['val_bpb']:.3f}" if math.isfinite(row["val_bpb"]) else "—"])
         lines.append(cells)
@@ -194,13 +233,16 @@ def write_outputs(rows: list[dict], tasks: list[str], skipped: list[str], cfg: E
     """results.md, results.json and a bar chart per task; returns the table."""
     text = table(rows, tasks, skipped)
     notes = ["accuracy ± one standard error, sqrt(p(1-p)/n); greedy decoding; val loss in nats/token and "
-             "bits per byte on the held-out stories (lesson 2's val.bin)"]
-    notes += [f"{t}: not downloaded — make lesson-0 ARGS=\"--gsm8k download\"" for t in skipped]
+             "bits per byte on the held-out stories (lesson 2's val.bin)",
+             "words: the share of held-out 'use the words ...' requests whose story uses all three words "
+             "(chat stages; — for the base model)"]
+    notes += [f"{t}: not on disk — " + ('make lesson-0 ARGS="--gsm8k download"' if t == "gsm8k" else "make lesson-0")
+              for t in skipped]
     write_text(out_dir / "results.md", "# Evaluation\n\n" + text + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
     write_json(out_dir / "results.json", {"config": asdict(cfg), "tasks": tasks, "skipped": skipped, "stages": clean})
     for task in tasks:
-        done = [r for r in rows if r["status"] == "evaluated" and r["results"].get(task, {}).get("n")]
+        done = [r for r in rows if r["status"] == "evaluated" and (r["results"].get(task) or {}).get("n")]
         if done:
             n = done[0]["results"][task]["n"]
             svg = bar_chart({r["stage"]: 100 * r["results"][task]["accuracy"] for r in done},

@@ -36,10 +36,11 @@ synthetic = impl("synthetic")
 SEP = "\n<|endoftext|>\n"
 SMALL = ["--stories", "60", "--val_stories", "10", "--conversations", "30", "--val_conversations", "10",
          "--tinymath_train", "60", "--tinymath_test", "20", "--preferences", "16", "--val_preferences", "8",
-         "--rl_prompts", "20", "--rl_test", "10"]
+         "--rl_prompts", "20", "--rl_test", "10", "--words_prompts", "30", "--words_test", "12"]
 CONTRACT_FILES = ["stories_train.txt", "stories_val.txt", "instructions_train.jsonl", "instructions_val.jsonl",
                   "tinymath_train.jsonl", "tinymath_test.jsonl", "preferences_train.jsonl", "preferences_val.jsonl",
-                  "rl_prompts_train.jsonl", "rl_prompts_test.jsonl", "manifest.json"]
+                  "rl_prompts_train.jsonl", "rl_prompts_test.jsonl", "words_prompts_train.jsonl", "words_prompts_test.jsonl",
+                  "manifest.json"]
 
 
 
@@ -285,6 +286,16 @@ def test_lesson_writes_the_contract(nano_dirs, capsys):
     assert not {r["prompt"] for r in rl_train} & {p["question"] for p in tm_test}
     answers = {p["question"]: str(p["result"]) for p in tm_test}
     assert all(answers[r["prompt"]] == r["answer"] for r in rl_test)
+
+    # the words skill: held-out requests ask for word sets no training request (RL's or SFT's) asks for
+    words_train, words_test = read_jsonl(raw / "words_prompts_train.jsonl"), read_jsonl(raw / "words_prompts_test.jsonl")
+    assert (len(words_train), len(words_test)) == (30, 12)
+    sft_sets = {frozenset(r["required_words"]) for r in read_jsonl(raw / "instructions_train.jsonl") if r["task"] == "words"}
+    train_sets, test_sets = ({frozenset(r["required_words"]) for r in rows} for rows in (words_train, words_test))
+    assert len(train_sets) == 30 and len(test_sets) == 12  # no set twice
+    assert not test_sets & (train_sets | sft_sets)
+    for row in words_train + words_test:
+        assert len(row["required_words"]) == 3 and all(w in row["prompt"] for w in row["required_words"])
 
     out = capsys.readouterr().out
     assert "stories_train.txt" in out and "TinyMath only" in out and "#### " in out

@@ -307,6 +307,23 @@ def test_math_reward_needs_prompts_with_answers(pipeline_dirs):
         run_lesson("10_grpo", "--fast_dev_run", "--checkpoint_path", str(base), "--prompts", "preferences")
 
 
+def test_lesson_10_words_reward_run(pipeline_dirs):
+    """--reward words samples lesson 0's "use the words" requests (its default prompts), rewards the share
+    of the words a story uses, and grades the held-out requests before and after."""
+    base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
+    run_lesson("10_grpo", "--fast_dev_run", "--checkpoint_path", str(base), "--reward", "words", "--run_name", "words")
+    run = pipeline_dirs / "runs" / "rlhf" / "online" / "grpo-words"
+    report = json.loads((run / "report.json").read_text())
+    assert report["reward"] == "words" and report["words_n"] == 4
+    assert all(0.0 <= report[f"words_{k}_{when}"] <= 1.0 for k in ("accuracy", "mean_share") for when in ("before", "after"))
+    rows = [json.loads(line) for line in (run / "words_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["words"]) == 3 and r["words"][0] in r["prompt"] for r in rows)
+    rewards = [r["reward"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+    assert rewards and all(0.0 <= r <= 1.0 for r in rewards)
+    with pytest.raises(ValueError, match="--prompts words"):
+        run_lesson("10_grpo", "--fast_dev_run", "--checkpoint_path", str(base), "--reward", "words", "--prompts", "tinymath")
+
+
 def test_missing_sft_checkpoint_names_lesson_5(nano_dirs):
     with pytest.raises(FileNotFoundError, match="lesson-5"):
         run_lesson("10_grpo", "--fast_dev_run")

@@ -278,3 +278,49 @@ def test_evaluate_model_fewshot_from_task_name(nano_dirs, tok_and_model):
     (full,) = evaluate.build_prompts(tokenizer, problems, "fewshot", 3, examples)
     (fits,) = evaluate.build_prompts(tokenizer, problems, "fewshot", 3, examples, max_prompt_tokens=len(full) - 1)
     assert tokenizer.decode(fits).count("Question:") == 3  # 2 examples + the question
+
+
+# ---- the words skill (nano/eval/words_skill.py) ---------------------------------------------------
+
+
+def test_words_share_counts_whole_words_any_case_and_plurals():
+    words_skill = impl("words_skill")
+    assert words_skill.words_share("Moons and a CAKE. The dog!", ["moon", "cake", "dog"]) == 1.0
+    assert words_skill.words_share("a ballet in the rain", ["ball", "rain", "cat"]) == pytest.approx(1 / 3)
+    assert words_skill.words_share("", ["ball"]) == 0.0
+
+
+def test_words_prompts_load_and_say_what_to_run(nano_dirs):
+    words_skill = impl("words_skill")
+    with pytest.raises(FileNotFoundError, match="make lesson-0"):
+        words_skill.load_words_prompts("test")
+    raw = nano_dirs / "data" / "raw"
+    write_jsonl(raw / "words_prompts_test.jsonl", [{"prompt": "Use the words a, b and c.", "required_words": ["a", "b", "c"]}])
+    assert words_skill.load_words_prompts("test") == [words_skill.WordsPrompt("Use the words a, b and c.", ["a", "b", "c"])]
+    with pytest.raises(ValueError, match="train"):
+        words_skill.load_words_prompts("val")
+
+
+def test_evaluate_words_checks_each_story(tok_and_model):
+    """Greedy and sampled answers are checked word by word: the share of words used, whether all are,
+    and, per prompt, whether any of its samples used all (pass@k)."""
+    tokenizer, model = tok_and_model
+    words_skill, chat = impl("words_skill"), impl("chat_format")
+    generate = impl("generate")
+    prompts = [words_skill.WordsPrompt("Tell a story with the words cat, ball and red.", ["cat", "ball", "red"]),
+               words_skill.WordsPrompt("Tell a story with the words zebra, moon and kite.", ["zebra", "moon", "kite"])]
+    result = words_skill.evaluate_words(model, tokenizer, prompts, max_new_tokens=12, batch_size=2)
+    assert result["n"] == 2 and len(result["rows"]) == 2
+    stops = chat.stop_token_ids(tokenizer)
+    for prompt, row in zip(prompts, result["rows"]):
+        ids = chat.render_prompt([{"role": "user", "content": prompt.prompt}], tokenizer)
+        alone = generate.generate(model, ids, max_new_tokens=12, stop_tokens=stops)
+        assert row["output"] == tokenizer.decode([t for t in alone if t not in stops])
+        assert row["share"] == words_skill.words_share(row["output"], prompt.words)
+        assert row["all_used"] == (row["share"] == 1.0)
+    assert result["accuracy"] == sum(r["all_used"] for r in result["rows"]) / 2
+    sampled = words_skill.evaluate_words(model, tokenizer, prompts, samples=3, temperature=1.0, max_new_tokens=12)
+    assert sampled["n"] == 6 and sampled["prompts"] == 2
+    per_prompt = [any(r["all_used"] for r in sampled["rows"][i:i + 3]) for i in (0, 3)]
+    assert sampled["prompts_any"] == sum(per_prompt) / 2
+    assert sampled["mean_share"] == pytest.approx(sum(r["share"] for r in sampled["rows"]) / 6)

@@ -55,6 +55,9 @@ def data(nano_dirs, tokenizer):
     tokenizer.save(tokenizer_dir() / "tokenizer.json")
     write_jsonl(raw_dir() / "tinymath_test.jsonl", math_rows(5))
     write_jsonl(raw_dir() / "tinymath_train.jsonl", math_rows(2, prefix="train"))
+    write_jsonl(raw_dir() / "words_prompts_test.jsonl",
+                [{"prompt": f"Write a story using the words {w}, ball and red.", "required_words": [w, "ball", "red"]}
+                 for w in ("cat", "dog", "sun", "hat")])
     bins_dir().mkdir(parents=True)
     (bins_dir() / "meta.json").write_text(json.dumps({"tokenizer": {"fingerprint": tokenizer.fingerprint(), "path": "t"}}))
     tokens = np.array(tokenizer.encode(CORPUS * 3), dtype=np.uint16)
@@ -84,8 +87,16 @@ def test_discovery_evaluates_the_stages_that_exist(data, tokenizer, capsys):
     assert stages["base"]["mode"] == "fewshot" and stages["lora"]["mode"] == "chat"
 
     # GSM8K is not on disk: skipped by default, and said so
-    assert report["tasks"] == ["tinymath"] and report["skipped"] == ["gsm8k"]
+    assert report["tasks"] == ["tinymath", "words"] and report["skipped"] == ["gsm8k"]
     assert 'make lesson-0 ARGS="--gsm8k download"' in out
+
+    # the words skill: chat stages only, each story checked against its words
+    assert stages["base"]["results"]["words"] is None
+    words = stages["lora"]["results"]["words"]
+    rows = read_rows(eval_dir / "samples" / "lora_words.jsonl")
+    assert words["n"] == len(rows) == 3  # --limit 3
+    assert words["correct"] == sum(r["all_used"] for r in rows)
+    assert all(r["share"] == impl("words_skill").words_share(r["output"], r["words"]) for r in rows)
 
     # accuracy = the graded samples on disk
     for name in ("base", "lora"):
@@ -109,7 +120,7 @@ def test_discovery_evaluates_the_stages_that_exist(data, tokenizer, capsys):
     # one table, in the terminal and in results.md; a chart with a bar per evaluated stage
     table = (eval_dir / "results.md").read_text()
     assert "not trained yet (make lesson-5)" in table and f"{stages['base']['val_loss']:.3f}" in table
-    assert lesson.table(report["stages"], ["tinymath"], ["gsm8k"]) in out
+    assert lesson.table(report["stages"], ["tinymath", "words"], ["gsm8k"]) in out
     svg = (eval_dir / "tinymath.svg").read_text()
     assert svg.count("<rect") == 1 + 2 and ">base<" in svg and ">lora<" in svg  # background + two bars
 

@@ -41,12 +41,13 @@ from nano.text.bins import PreferenceDataset, load_rl_prompts
 from nano.model.generate import eval_mode
 from nano.model.lora import merge_lora, save_adapter
 from nano.checkpoints.checkpoint import load_checkpoint
+from nano.eval.words_skill import evaluate_words, load_words_prompts, words_prompt_ids
 from nano.train.sft import math_accuracy
 from nano.train.trainer import PROMPT_ORDER, Task, row_generator, shuffled_index, train
 from nano.align.logprobs import group_std, response_logprobs
 from nano.align.policy import Policy, PolicyConfig, begin_run, load_policy, policy_state_for_saving
 from nano.align.reward_model import load_reward_model
-from nano.align.rollout import Rollout, check_answers, math_rewards, sample_responses
+from nano.align.rollout import Rollout, check_answers, check_words, math_rewards, sample_responses, words_rewards
 
 
 @dataclass
@@ -55,16 +56,20 @@ class OnlineRLConfig(PolicyConfig):
     preset on 2 CPU cores, chosen on the validation prompts; see the lesson docs); each lesson adds
     its own knobs and learning rate."""
 
-    reward: str = field(default="math", metadata={"help": "math: graded answer (1/0); rm: lesson 8's reward model",
-                                                  "choices": ["math", "rm"]})
+    reward: str = field(default="math", metadata={"help": "math: graded answer (1/0); words: share of the required words "
+                                                          "the story uses; rm: lesson 8's reward model",
+                                                  "choices": ["math", "words", "rm"]})
     reward_model_path: str = field(default="", metadata={"help": f"reward model for --reward rm (default runs/{REWARD_MODEL})"})
-    prompts: str = field(default="tinymath", metadata={"help": "tinymath: RL prompts with answers; preferences: lesson 0's preference prompts (no answers)",
-                                                       "choices": ["tinymath", "preferences"]})
+    prompts: str = field(default="", metadata={"help": "tinymath: RL prompts with answers; words: 'use the words ...' requests; "
+                                                       "preferences: lesson 0's preference prompts (no answers); '' = words for "
+                                                       "--reward words, else tinymath",
+                                               "choices": ["", "tinymath", "words", "preferences"]})
     val_prompts: int = field(default=200, metadata={"help": "prompts held out of training: choose settings and ckpt_best on these"})
     train_prompts: int = field(default=0, metadata={"help": "train on the first N training prompts only, many times each (0 = all); their greedy reward is reported too"})
     prompts_per_rollout: int = field(default=16, metadata={"help": "prompts per rollout buffer"})
     group_size: int = field(default=8, metadata={"help": "sampled answers per prompt"})
-    max_new_tokens: int = field(default=80, metadata={"help": "longest sampled answer"})
+    max_new_tokens: int = field(default=0, metadata={"help": "longest sampled answer (0 = 80 tokens for TinyMath answers, "
+                                                             "160 for stories)"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the rollouts"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the rollouts (1 = off)"})
     epochs: int = field(default=1, metadata={"help": "passes over each rollout buffer"})
@@ -82,12 +87,14 @@ class OnlineRLConfig(PolicyConfig):
     micro_batch_size: int = field(default=0, metadata={"help": "rows per forward pass (0 = the whole step)"})
 
     def __post_init__(self):
+        self.prompts = self.prompts or ("words" if self.reward == "words" else "tinymath")
+        self.max_new_tokens = self.max_new_tokens or (80 if self.prompts == "tinymath" else 160)
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0 (got {self.temperature}): greedy rollouts give every answer "
                              "of a group the same reward, and their tokens have no sampling distribution")
         if self.fast_dev_run:
             self.prompts_per_rollout, self.group_size, self.max_new_tokens = 2, 4, 24
-            self.val_prompts, self.eval_problems = min(self.val_prompts, 8), 0
+            self.val_prompts, self.eval_problems = min(self.val_prompts, 8), min(self.eval_problems, 4)
         buffer = self.prompts_per_rollout * self.group_size
         if buffer % self.minibatches:
             raise ValueError(f"prompts_per_rollout * group_size ({buffer}) must split into {self.minibatches} minibatches")
@@ -105,11 +112,12 @@ class OnlineRLConfig(PolicyConfig):
 
 @dataclass
 class PromptSet:
-    """Prompts to sample from: token ids, text, and the answer a reply must reach (None: no answer)."""
+    """Prompts to sample from: token ids, text, and what a reply must reach: the number (TinyMath), the
+    words to use (words), or None (no check: the reward model judges)."""
 
     ids: list[list[int]]
     texts: list[str]
-    answers: list[str | None]
+    answers: list[Any]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -120,8 +128,15 @@ class PromptSet:
 
 def load_prompt_sets(kind: str, tokenizer: Any, val_size: int) -> tuple[PromptSet, PromptSet]:
     """(train, validation) prompts. TinyMath: the RL prompts of lesson 2, the last `val_size` held out
-    for validation (the test problems are never touched). Preferences: the prompts of the preference
-    pairs, train and val splits (stories and math questions; no answers)."""
+    for validation (the test problems are never touched). Words: lesson 0's training requests, the
+    last `val_size` held out likewise (the test requests are lesson 12's). Preferences: the prompts of
+    the preference pairs, train and val splits (stories and math questions; no answers)."""
+    if kind == "words":
+        rows = load_words_prompts("train")
+        if len(rows) <= val_size:
+            raise ValueError(f"only {len(rows)} words prompts: lower --val_prompts (now {val_size})")
+        full = PromptSet(words_prompt_ids(tokenizer, rows), [r.prompt for r in rows], [r.words for r in rows])
+        return full.subset(range(len(rows) - val_size)), full.subset(range(len(rows) - val_size, len(rows)))
     if kind == "tinymath":
         rows = load_rl_prompts("train", tokenizer)
         if len(rows) <= val_size:
@@ -137,7 +152,8 @@ def load_prompt_sets(kind: str, tokenizer: Any, val_size: int) -> tuple[PromptSe
 
 
 class Scorer:
-    """The reward of an answer: graded against the prompt's number (math), or lesson 8's reward model (rm)."""
+    """The reward of an answer: graded against the prompt's number (math), the share of the prompt's words
+    it uses (words), or lesson 8's reward model (rm)."""
 
     def __init__(self, kind: str, tokenizer: Any, reward_model_path: str | Path = ""):
         self.kind, self.rm = kind, None
@@ -148,11 +164,15 @@ class Scorer:
         """Fail before any sampling when the reward cannot grade these prompts."""
         if self.kind == "math":
             check_answers(prompts.answers)
+        if self.kind == "words":
+            check_words(prompts.answers)
 
     @torch.no_grad()
-    def __call__(self, rollout: Rollout, answers: Sequence[str | None]) -> torch.Tensor:
+    def __call__(self, rollout: Rollout, answers: Sequence[Any]) -> torch.Tensor:
         if self.kind == "math":
             return math_rewards(rollout.texts, answers)
+        if self.kind == "words":
+            return words_rewards(rollout.texts, answers)
         device = rollout.ids.device
         self.rm.to(device)
         return self.rm(rollout.ids, real_lengths(rollout.response_mask)).float().cpu()
@@ -273,6 +293,15 @@ class OnlineRun:
     def practised_reward(self, model: torch.nn.Module) -> float | None:
         """The mean greedy reward on the practised training prompts (--train_prompts; None without)."""
         return float(self.greedy_reward(model, self.train_prompts)[1].mean()) if self.cfg.train_prompts else None
+
+    def words_skill(self, out_jsonl: Path | None = None) -> dict:
+        """--reward words: the held-out words skill (lesson 0's test requests, greedy; {} otherwise)."""
+        if self.cfg.reward != "words" or not self.cfg.eval_problems:
+            return {}
+        prompts = load_words_prompts("test")[: self.cfg.eval_problems]
+        result = evaluate_words(self.method.policy_of(self.model), self.tokenizer, prompts,
+                                out_jsonl=out_jsonl)  # lesson 12's setting: whole stories, greedy
+        return {k: result[k] for k in ("accuracy", "stderr", "n", "mean_share")}
 
     def test_accuracy(self, out_jsonl: Path | None = None) -> dict:
         """Greedy TinyMath test accuracy of the policy ({} with --eval_problems 0)."""
@@ -395,6 +424,7 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     # 2. where the policy starts: held-out reward and TinyMath test accuracy
     before_val = run.val_reward(run.model)
     before_test = run.test_accuracy()
+    words_before = run.words_skill()
     practised_before = run.practised_reward(run.model)
     print(f"before: held-out reward {before_val['val_reward']:.3f}" +
           (f", TinyMath test {before_test['accuracy']:.1%} (± {before_test['stderr']:.1%})" if cfg.eval_problems else ""))
@@ -410,6 +440,7 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     # 4. the best checkpoint (by held-out reward), graded on the test problems; curves; report
     best = save_best_policy(run, start, extra)
     after_test = run.test_accuracy(run.paths.dir / "tinymath_samples.jsonl")
+    words_after = run.words_skill(run.paths.dir / "words_samples.jsonl")
     practised_after = run.practised_reward(run.model)
     plot_rl_history(run.paths.metrics, run.paths.dir / "rl.svg", method.name)
     report = {
@@ -420,6 +451,9 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
         "tinymath_n": after_test.get("n"), "practised_reward_before": practised_before,
         "practised_reward_after": practised_after, "seconds": round(time.time() - t0, 1),
     }
+    if words_before:  # the words skill on held-out requests, before -> after
+        report.update({f"words_{k}_{when}": r[k] for when, r in (("before", words_before), ("after", words_after))
+                       for k in ("accuracy", "stderr", "mean_share")}, words_n=words_after["n"])
     write_json(run.paths.report, report)
     print_report(run, report)
     return report
@@ -432,6 +466,10 @@ def print_report(run: OnlineRun, report: dict) -> None:
     if run.cfg.train_prompts:
         print(f"the {len(run.train_prompts)} practised training prompts (greedy): before {report['practised_reward_before']:.3f} -> "
               f"after {report['practised_reward_after']:.3f} (step {report['best_step']})")
+    if "words_n" in report:
+        print(f"held-out words requests ({report['words_n']}, greedy): every word used {report['words_accuracy_before']:.1%} -> "
+              f"{report['words_accuracy_after']:.1%} (± {report['words_stderr_after']:.1%}); share of words used "
+              f"{report['words_mean_share_before']:.1%} -> {report['words_mean_share_after']:.1%}")
     if run.cfg.eval_problems:
         print(f"TinyMath test accuracy ({report['tinymath_n']} problems, greedy): before {report['tinymath_before']:.1%} -> "
               f"after {report['tinymath_after']:.1%} (± {report['tinymath_stderr_after']:.1%})")

@@ -38,7 +38,7 @@ class PolicyConfig(TrainConfig):
     adapter_path: str = field(default="", metadata={"help": "train this LoRA adapter on top of the checkpoint"})
     quantize: bool = field(default=False, metadata={"help": "NF4 base + LoRA adapter (QLoRA); the reference is the frozen 4-bit base"})
     lora_r: int = field(default=8, metadata={"help": "train a fresh LoRA adapter of this rank (0 = full weights)"})
-    eval_problems: int = field(default=200, metadata={"help": "held-out TinyMath test problems graded before and after (0 = skip)"})
+    eval_problems: int = field(default=200, metadata={"help": "held-out TinyMath test problems (and words requests, --reward words) graded before and after (0 = skip)"})
 
 
 def begin_run(cfg: Any) -> Path:

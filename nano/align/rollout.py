@@ -12,8 +12,8 @@ The pieces:
   * Rollout: the sampled responses, laid out for scoring, with room for what each method adds,
   * pack_responses: prompt + response per row, right-padded (nano/text/padding.py: right_pad),
   * sample_responses: G sampled answers per prompt with the KV cache (nano/model/generate.py: generate_batch),
-  * math_rewards: what an answer is worth when it has a number to reach (lesson 8's reward model
-    is the other reward: nano/align/reward_model.py).
+  * math_rewards: what an answer is worth when it has a number to reach; words_rewards: when it
+    must use given words (lesson 8's reward model is the third reward: nano/align/reward_model.py).
 
 The policy that samples them is loaded by nano/align/policy.py. How GRPO and PPO run these on the
 shared training loop (a rollout buffer per group of steps) is nano/align/online_rl.py.
@@ -29,6 +29,7 @@ from nano.text.chat_format import pad_token_id, stop_token_ids
 from nano.text.padding import right_pad
 from nano.model.generate import generate_batch
 from nano.eval.grading import is_correct
+from nano.eval.words_skill import words_share
 
 # ---------------------------------------------------------------------------------------------
 # 1. sampling a batch of responses
@@ -134,6 +135,23 @@ def math_rewards(texts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
     """
     check_answers(answers)
     return torch.tensor([1.0 if is_correct(t, a) else 0.0 for t, a in zip(texts, answers)])
+
+
+def words_rewards(texts: Sequence[str], required: Sequence[Sequence[str]]) -> torch.Tensor:
+    """The share of its required words each answer uses, 0 to 1 in thirds (nano/eval/words_skill.py,
+    the check lesson 12 measures): a verifiable reward for a skill rather than a fact.
+
+    >>> words_rewards(["The dog ate cake.", "A moon."], [["dog", "cake", "moon"]] * 2)
+    tensor([0.6667, 0.3333])
+    """
+    check_words(required)
+    return torch.tensor([words_share(t, w) for t, w in zip(texts, required)])
+
+
+def check_words(required: Sequence[Any]) -> None:
+    """Refuse prompts that do not list the words their story must use (TinyMath problems, say)."""
+    if any(not isinstance(words, (list, tuple)) or not words for words in required):
+        raise ValueError("--reward words needs prompts that list their required words: use --prompts words")
 
 
 def check_answers(answers: Sequence[str | None]) -> None:

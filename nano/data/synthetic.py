@@ -134,6 +134,26 @@ def conversations(seed: int, n: int, split: str, exclude_prompts: Iterable[str] 
     return out
 
 
+def words_prompts(seed: int, n: int, split: str, exclude_word_sets: Iterable[frozenset] = ()) -> list[dict]:
+    """`n` "use the words ..." requests, {"prompt", "required_words"}, each with a set of three words no
+    other row (and nothing in `exclude_word_sets`) asks for: the prompts RL practises the words skill on,
+    and the held-out ones lesson 12 measures it with (nano/eval/words_skill.py). The words come from a
+    generated story's own keywords, so every set is one a story can use; the story itself is not kept.
+
+    >>> words_prompts(0, 1, "demo")[0]["required_words"]
+    ['soft', 'fair', 'sky']
+    """
+    rng, story_rng = rng_for(seed, f"words_prompts_{split}"), rng_for(seed, f"words_prompt_stories_{split}")
+    seen = set(exclude_word_sets)
+    out: list[dict] = []
+    while len(out) < n:
+        words = _pick_words(rng, generate_story(story_rng))
+        if words and frozenset(words) not in seen:
+            seen.add(frozenset(words))
+            out.append({"prompt": words_prompt(rng, words), "required_words": words})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. preference pairs: the same prompt, a good answer and a flawed one
 # ---------------------------------------------------------------------------------------------
