@@ -86,6 +86,14 @@ def test_lesson_8_smoke_run_and_tokenizer_check(pipeline_dirs):
     assert 0.0 <= report["val_accuracy"] <= 1.0 and report["n"] > 0
     assert set(report["per_flaw"]) <= {"wrong_number", "missing_word", "broken_off", "repetition"}
     assert (run / "scores.svg").read_text().startswith("<svg")
+    # the checkpoint is chosen on the selection pairs (their loss is logged and is the best one), and the
+    # validation pairs, which report it, chose nothing: their loss is another number
+    logged = [json.loads(line)["val_loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert report["select_loss"] == pytest.approx(min(logged)) and report["val_loss"] != pytest.approx(report["select_loss"])
+    # the policy's own answers: sampled per validation prompt, scored where a prompt gave a clean and a flawed one
+    own = report["own"]
+    assert own["prompts"] == report["n"] and 0 <= own["n"] <= own["prompts"]
+    assert sum(r["n"] for r in own["per_flaw"].values()) == own["n"]
     path = run / "checkpoints" / "ckpt_best.pth"
     ckpt = torch.load(path, weights_only=False)
     rm = rm_lib.load_reward_model(path, ckpt["tokenizer_fingerprint"])
