@@ -28,6 +28,11 @@ online_rl = impl("online_rl")
 model_lib = impl("gemma")
 
 
+# token ids as text ("3 4"), with the special tokens sampling needs
+TOY_TOKENIZER = SimpleNamespace(special_tokens={"<pad>": 0, "<eos>": 1, "<end_of_turn>": 3},
+                                decode=lambda ids: " ".join(map(str, ids)))
+
+
 def small_model(seed: int = 0, vocab: int = 12):
     torch.manual_seed(seed)
     cfg = model_lib.model_config("tiny", vocab_size=vocab, context_len=16, d_model=32, n_layers=1, n_heads=2, head_dim=16,
@@ -74,7 +79,7 @@ def prob_of(model, token: int) -> float:
 
 def one_step(method, model, buffer, group_size, lr=0.05, train_model=None):
     train_model = train_model or model
-    ctx = online_rl.BufferContext(model=train_model, reference=policy.frozen_copy(model), tokenizer=None,
+    ctx = online_rl.BufferContext(model=train_model, reference=policy.frozen_copy(model), tokenizer=TOY_TOKENIZER,
                                   cfg=SimpleNamespace(group_size=group_size, steps_per_rollout=1))
     method.prepare(buffer, ctx)
     batch = online_rl.minibatch(buffer, torch.arange(len(buffer)))
@@ -136,7 +141,7 @@ def test_grpo_two_epochs_on_multi_token_answers_match_the_formula():
     model, reference = small_model(), small_model(seed=1)  # a reference other than the policy: k3 > 0
     buffer, clip_eps, beta = multi_token_buffer(), 0.2, 0.1
     method = grpo.grpo_method(beta=beta, clip_eps=clip_eps)
-    ctx = online_rl.BufferContext(model=model, reference=policy.frozen_copy(reference), tokenizer=None,
+    ctx = online_rl.BufferContext(model=model, reference=policy.frozen_copy(reference), tokenizer=TOY_TOKENIZER,
                                   cfg=SimpleNamespace(group_size=4, steps_per_rollout=2))
     method.prepare(buffer, ctx)
     mask = buffer.response_mask[:, 1:].float()  # (4, T - 1) response columns
@@ -168,10 +173,6 @@ def test_grpo_two_epochs_on_multi_token_answers_match_the_formula():
     loss, stats = method.loss(model, online_rl.minibatch(buffer, torch.arange(4)))
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     assert stats["clip_frac"] == pytest.approx(expected_clip.item()) and stats["clip_frac"] > 0
-
-
-TOY_TOKENIZER = SimpleNamespace(special_tokens={"<pad>": 0, "<eos>": 1, "<end_of_turn>": 3},
-                                decode=lambda ids: " ".join(map(str, ids)))
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.6])

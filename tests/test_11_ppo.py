@@ -18,7 +18,7 @@ import torch
 
 from adapters import impl
 from conftest import run_lesson
-from test_10_grpo import multi_token_buffer, one_step, prob_of, sgd_step, small_model, tempered_logprobs, toy_buffer
+from test_10_grpo import TOY_TOKENIZER, multi_token_buffer, one_step, prob_of, sgd_step, small_model, tempered_logprobs, toy_buffer
 
 ppo = impl("ppo")
 online_rl = impl("online_rl")
@@ -93,7 +93,7 @@ def test_ppo_prepare_and_two_epochs_on_multi_token_answers():
         actor_critic.value_head.bias.fill_(0.3)
     buffer, kl_coef, clip_eps, value_clip, vf_coef = multi_token_buffer(), 0.5, 0.2, 0.2, 0.1
     method = ppo.ppo_method(kl_coef=kl_coef, clip_eps=clip_eps, value_clip=value_clip, vf_coef=vf_coef, gamma=1.0, lam=1.0)
-    ctx = online_rl.BufferContext(model=actor_critic, reference=impl("policy").frozen_copy(reference), tokenizer=None,
+    ctx = online_rl.BufferContext(model=actor_critic, reference=impl("policy").frozen_copy(reference), tokenizer=TOY_TOKENIZER,
                                   cfg=SimpleNamespace(group_size=4, steps_per_rollout=2))
     method.prepare(buffer, ctx)
     ids, response_mask = buffer.ids, buffer.response_mask
@@ -112,6 +112,13 @@ def test_ppo_prepare_and_two_epochs_on_multi_token_answers():
     returns = rewards.flip(-1).cumsum(-1).flip(-1) * mask  # R_t = r_t + r_t+1 + ... (gamma = 1)
     assert torch.allclose(buffer.extra["returns"], returns, atol=1e-5)
     adv = (returns - values[:, :-1]) * mask  # lambda = 1: A_t = R_t - V_t
+    # the critic's explained variance, and the trace of the best-scored answer (row 0: reward 1, 2 tokens)
+    r, v = returns[mask.bool()], values[:, :-1][mask.bool()]
+    assert buffer.extra["stats"]["explained_variance"] == pytest.approx(float(1 - (r - v).var() / r.var()), abs=1e-5)
+    trace = buffer.extra["trace"]
+    assert trace["tokens"] == ["3", "4"] and trace["score"] == 1.0
+    assert trace["reward"] == pytest.approx(rewards[0, 1:3].tolist(), abs=1e-4)  # columns 1, 2 score tokens 3, 4
+    assert trace["advantage"] == pytest.approx(adv[0, 1:3].tolist(), abs=1e-4)
     mean = (adv * mask).sum() / mask.sum()
     std = (((adv - mean) ** 2 * mask).sum() / mask.sum()).sqrt()
     adv = (adv - mean) / std * mask
@@ -152,7 +159,9 @@ def test_lesson_11_smoke_run(pipeline_dirs):
     report = json.loads((run / "report.json").read_text())
     assert report["method"] == "ppo"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {"value_loss", "kl", "clip_frac", "entropy", "reward"} <= set().union(*rows)
+    assert {"value_loss", "kl", "clip_frac", "entropy", "reward", "explained_variance"} <= set().union(*rows)
+    traces = [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
+    assert traces and all(len(t["tokens"]) == len(t["reward"]) == len(t["value"]) == len(t["advantage"]) for t in traces)
     # the policy checkpoint is the base model's architecture alone (no value head), with the base's config
     model, ckpt = impl("checkpoint").load_model(run / "checkpoints" / "policy_best.pth")
     base_ckpt = torch.load(base, weights_only=False)

@@ -20,7 +20,8 @@ group again from the saved weights: close, but not bit-identical.
 
 Files of a run (runs/rlhf/online/<method>-<run_name>/): checkpoints/ckpt_best.pth and ckpt_last.pth
 (the whole training state, for --resume), checkpoints/policy_best.pth (the policy alone as plain
-weights: what lessons 12 and 13 load), adapter.pth (LoRA runs), metrics.jsonl, rl*.svg, report.json.
+weights: what lessons 12 and 13 load), adapter.pth (LoRA runs), metrics.jsonl, rl*.svg, report.json,
+and (PPO) trace.jsonl: one answer per buffer, token by token.
 
 Tests: `.venv/bin/python -m pytest -q tests/test_10_grpo.py tests/test_11_ppo.py`.
 """
@@ -329,7 +330,9 @@ class OnlineRun:
             "reward": float(rewards.mean()), "reward_group_std": float(spread.mean()),
             "groups_all_equal": float((spread == 0).float().mean()),
             "response_len": float(buffer.response_lengths.float().mean()),
-            "finished": sum(buffer.finished) / len(buffer)}
+            "finished": sum(buffer.finished) / len(buffer), **buffer.extra.pop("stats", {})}
+        if "trace" in buffer.extra:  # one answer token by token (PPO: rewards, values, advantages)
+            append_jsonl(self.paths.dir / "trace.jsonl", {"buffer": group, **buffer.extra.pop("trace")})
         return buffer
 
     def flush_stats(self, step: int) -> None:
@@ -485,7 +488,8 @@ def plot_rl_history(metrics_path: Path, out: Path, name: str) -> None:
 
     write_svg(out, line_chart({"batch reward": series("reward"), "held-out reward (greedy)": series("val_reward")},
                               title=f"{name}: reward", xlabel="step", ylabel="mean reward"))
-    others = {k: series(k) for k in ("kl", "clip_frac", "entropy", "value_loss", "reward_group_std") if series(k)}
+    others = {k: series(k) for k in ("kl", "clip_frac", "entropy", "value_loss", "explained_variance", "reward_group_std")
+              if series(k)}
     write_svg(out.with_name(out.stem + "_stats.svg"), line_chart(others, title=f"{name}: KL, clipping, entropy",
                                                                    xlabel="step", ylabel="per token"))
     write_svg(out.with_name(out.stem + "_length.svg"), line_chart({"response length": series("response_len")},

@@ -72,6 +72,33 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
 
 
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the response tokens: how much of the returns the critic predicts.
+
+    1: it knows each return before the answer is written; 0: no better than a constant; below 0: worse
+    than one. GRPO has no critic and needs none; PPO's advantages are only as good as this number.
+
+    >>> explained_variance(torch.tensor([1., 2., 3.]), torch.tensor([1., 2., 4.]), torch.ones(3))
+    0.8571428571428571
+    """
+    picked = mask.bool()
+    r, v = returns[picked].double(), values[picked].double()
+    spread = r.var(unbiased=False)
+    return float(1 - (r - v).var(unbiased=False) / spread) if spread > 0 else 0.0
+
+
+def token_trace(buffer: Rollout, tokenizer, rewards: torch.Tensor, values: torch.Tensor, advantages: torch.Tensor,
+                returns: torch.Tensor) -> dict:
+    """One answer of the buffer token by token (the best-scored one): what PPO sees at each step."""
+    row = int(buffer.extra["rewards"].argmax())
+    columns = buffer.response_mask[row, 1:].nonzero().squeeze(-1).tolist()  # column c scores token c + 1
+    out = {"score": float(buffer.extra["rewards"][row]), "prompt": tokenizer.decode(buffer.ids[row, :columns[0] + 1].tolist()),
+           "tokens": [tokenizer.decode([int(buffer.ids[row, c + 1])]) for c in columns]}
+    for name, x in (("reward", rewards), ("value", values), ("advantage", advantages), ("return", returns)):
+        out[name] = [round(float(x[row, c]), 4) for c in columns]
+    return out
+
+
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip_eps: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over response tokens of the clipped surrogate (nano/align/logprobs.py: clipped_surrogate); and the clip fraction.
@@ -139,6 +166,8 @@ def ppo_method(kl_coef: float, clip_eps: float = 0.2, value_clip: float = 0.2, v
         advantages, returns = gae(rewards, old_values * mask, mask, gamma, lam)
         buffer.extra.update(old_logprobs=old_logp, ref_logprobs=ref_logp, old_values=old_values,
                             returns=returns, advantages=whiten(advantages, mask))
+        buffer.extra["stats"] = {"explained_variance": explained_variance(old_values, returns, mask)}
+        buffer.extra["trace"] = token_trace(buffer, ctx.tokenizer, rewards, old_values, advantages, returns)
 
     def loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         hidden = model.policy.forward_hidden(batch["ids"])  # (B, T, d): one pass for the actor and the critic
