@@ -294,11 +294,16 @@ def test_lesson_10_smoke_run(pipeline_dirs):
 def test_lesson_10_lora_run_writes_an_adapter_and_a_merged_policy(pipeline_dirs):
     base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
     run_lesson("10_grpo", "--fast_dev_run", "--checkpoint_path", str(base), "--lora_r", "4", "--run_name", "lora",
-               "--train_prompts", "3")
+               "--train_prompts", "3", "--pass_at_k", "3")
     run = pipeline_dirs / "runs" / "rlhf" / "online" / "grpo-lora"
     assert (run / "adapter.pth").is_file()
     report = json.loads((run / "report.json").read_text())  # --train_prompts: the practised prompts are graded too
     assert all(0.0 <= report[k] <= 1.0 for k in ("practised_reward_before", "practised_reward_after"))
+    # --pass_at_k 3: pass@1 and pass@3 on the held-out (4 under --fast_dev_run) and the 3 practised prompts
+    for when in ("before", "after"):
+        rates = report[f"pass_at_k_{when}"]
+        assert (rates["held_out"]["n"], rates["practised"]["n"]) == (4, 3)
+        assert all(0.0 <= r["pass@1"] <= r["pass@3"] <= 1.0 for r in rates.values())
     impl("checkpoint").load_model(run / "checkpoints" / "policy_best.pth")
 
 

@@ -76,6 +76,8 @@ class OnlineRLConfig(PolicyConfig):
     epochs: int = field(default=1, metadata={"help": "passes over each rollout buffer"})
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass (the buffer is split this many ways)"})
     clip_eps: float = field(default=0.2, metadata={"help": "ratio clip: pi/pi_old stays in [1 - eps, 1 + eps]"})
+    pass_at_k: int = field(default=0, metadata={"help": "before and after: k sampled answers per held-out (and practised) "
+                                                      "prompt, for pass@1 and pass@k (0 = off; math and words rewards)"})
     # shared-loop defaults for RL: a short run, no decay, a constant rate
     steps: int = field(default=40, metadata={"help": "optimizer steps"})
     eval_every: int = field(default=10, metadata={"help": "steps between held-out evaluations and checkpoints"})
@@ -304,6 +306,32 @@ class OnlineRun:
                                 out_jsonl=out_jsonl)  # lesson 12's setting: whole stories, greedy
         return {k: result[k] for k in ("accuracy", "stderr", "n", "mean_share")}
 
+    def heldout_prompts(self) -> PromptSet:
+        """The first --eval_problems held-out test prompts: TinyMath's (lesson 2's rl_test), or the words requests."""
+        n, tokenizer = self.cfg.eval_problems, self.tokenizer
+        if self.cfg.prompts == "words":
+            rows = load_words_prompts("test")[:n]
+            return PromptSet(words_prompt_ids(tokenizer, rows), [r.prompt for r in rows], [r.words for r in rows])
+        rows = load_rl_prompts("test", tokenizer)[:n]
+        return PromptSet([r.prompt_ids for r in rows], [r.prompt for r in rows], [r.answer for r in rows])
+
+    def pass_rates(self) -> dict:
+        """--pass_at_k k: k answers sampled (at the rollouts' temperature) per held-out prompt, and per practised
+        one with --train_prompts. pass@1 = the share of samples that solve it (full reward), pass@k = the share
+        of prompts with at least one: does RL teach new answers, or sharpen the ones it could already sample?"""
+        cfg, k = self.cfg, self.cfg.pass_at_k
+        if not k or cfg.reward == "rm":
+            return {}
+        sets = {"held_out": self.heldout_prompts()} | ({"practised": self.train_prompts} if cfg.train_prompts else {})
+        out = {}
+        for name, prompts in sets.items():
+            rollout = sample_responses(self.method.policy_of(self.model), self.tokenizer, prompts.ids, k, cfg.max_new_tokens,
+                                       cfg.temperature, seed=cfg.seed + 99, batch_size=128)
+            solved = (self.scorer(rollout, [a for a in prompts.answers for _ in range(k)]) == 1.0).view(-1, k)
+            out[name] = {"pass@1": float(solved.float().mean()), f"pass@{k}": float(solved.any(1).float().mean()),
+                         "n": len(prompts)}
+        return out
+
     def test_accuracy(self, out_jsonl: Path | None = None) -> dict:
         """Greedy TinyMath test accuracy of the policy ({} with --eval_problems 0)."""
         n_test = self.cfg.eval_problems
@@ -428,6 +456,7 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     before_val = run.val_reward(run.model)
     before_test = run.test_accuracy()
     words_before = run.words_skill()
+    pass_before = run.pass_rates()
     practised_before = run.practised_reward(run.model)
     print(f"before: held-out reward {before_val['val_reward']:.3f}" +
           (f", TinyMath test {before_test['accuracy']:.1%} (± {before_test['stderr']:.1%})" if cfg.eval_problems else ""))
@@ -444,6 +473,7 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     best = save_best_policy(run, start, extra)
     after_test = run.test_accuracy(run.paths.dir / "tinymath_samples.jsonl")
     words_after = run.words_skill(run.paths.dir / "words_samples.jsonl")
+    pass_after = run.pass_rates()
     practised_after = run.practised_reward(run.model)
     plot_rl_history(run.paths.metrics, run.paths.dir / "rl.svg", method.name)
     report = {
@@ -454,6 +484,8 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
         "tinymath_n": after_test.get("n"), "practised_reward_before": practised_before,
         "practised_reward_after": practised_after, "seconds": round(time.time() - t0, 1),
     }
+    if pass_before:
+        report.update(pass_at_k_before=pass_before, pass_at_k_after=pass_after)
     if words_before:  # the words skill on held-out requests, before -> after
         report.update({f"words_{k}_{when}": r[k] for when, r in (("before", words_before), ("after", words_after))
                        for k in ("accuracy", "stderr", "mean_share")}, words_n=words_after["n"])
@@ -473,6 +505,10 @@ def print_report(run: OnlineRun, report: dict) -> None:
         print(f"held-out words requests ({report['words_n']}, greedy): every word used {report['words_accuracy_before']:.1%} -> "
               f"{report['words_accuracy_after']:.1%} (± {report['words_stderr_after']:.1%}); share of words used "
               f"{report['words_mean_share_before']:.1%} -> {report['words_mean_share_after']:.1%}")
+    for name, before in report.get("pass_at_k_before", {}).items():
+        after, k = report["pass_at_k_after"][name], run.cfg.pass_at_k
+        print(f"{name.replace('_', '-')} ({before['n']} prompts, {k} samples each at T={run.cfg.temperature}): pass@1 "
+              f"{before['pass@1']:.1%} -> {after['pass@1']:.1%}, pass@{k} {before[f'pass@{k}']:.1%} -> {after[f'pass@{k}']:.1%}")
     if run.cfg.eval_problems:
         print(f"TinyMath test accuracy ({report['tinymath_n']} problems, greedy): before {report['tinymath_before']:.1%} -> "
               f"after {report['tinymath_after']:.1%} (± {report['tinymath_stderr_after']:.1%})")
