@@ -1,6 +1,6 @@
 """
-The learner's route, checked end to end for lessons 1, 3, 6 and 7 (and, for every lesson with
-stubs, that `make exercise-N` writes modules that import):
+The learner's route, checked end to end for lessons 1, 3, 6, 7, 9, 10 and 11 (and, for every lesson
+with stubs, that `make exercise-N` writes modules that import):
 
     make exercise-N                  -> exercises/<module>.py: signatures and docstrings, no bodies
     (write one function)
@@ -26,12 +26,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 import make_exercise  # noqa: E402  (tests/ is on sys.path only from here on)
 from adapters import module_path  # noqa: E402
 
-# (lesson, module, what the learner writes, the tests of exactly that)
+# (lesson, module, what the learner writes, the tests of exactly that, the rest to run: None = all;
+#  for lessons 9-11 the unit tests, without the smoke runs that would build a whole pipeline here)
+UNIT_TESTS_ONLY = "not lesson_ and not resume and not refused and not needs_prompts and not names_lesson"
 ROUTES = [
-    (1, "tokenizer", ["merge"], "test_merge_replaces_pairs_left_to_right"),
-    (3, "attention", ["allowed_keys"], "test_window_boundary"),
-    (6, "lora", ["LoRALinear", "is_linear", "is_4bit", "_device_of"], "rslora_scaling or forward_formula"),
-    (7, "nf4", ["nf4_code_values"], "test_code_values"),
+    (1, "tokenizer", ["merge"], "test_merge_replaces_pairs_left_to_right", None),
+    (3, "attention", ["allowed_keys"], "test_window_boundary", None),
+    (6, "lora", ["LoRALinear", "is_linear", "is_4bit", "_device_of"], "rslora_scaling or forward_formula", None),
+    (7, "nf4", ["nf4_code_values"], "test_code_values", None),
+    (9, "dpo", ["dpo_loss"], "dpo_loss_and_metrics_check_vector or cdpo_and_ipo", UNIT_TESTS_ONLY),
+    (10, "grpo", ["group_advantages"], "group_advantages", UNIT_TESTS_ONLY),
+    (11, "ppo", ["gae"], "gae", UNIT_TESTS_ONLY),
 ]
 
 
@@ -82,8 +87,8 @@ def run_check(lesson: int, module: str, path, k: str | None) -> subprocess.Compl
                            *(["-k", k] if k else [])], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("lesson, module, written, tests", ROUTES, ids=[f"lesson-{r[0]}" for r in ROUTES])
-def test_fill_one_function_and_check_it(tmp_path, lesson, module, written, tests):
+@pytest.mark.parametrize("lesson, module, written, tests, rest", ROUTES, ids=[f"lesson-{r[0]}" for r in ROUTES])
+def test_fill_one_function_and_check_it(tmp_path, lesson, module, written, tests, rest):
     # 1. make exercise-N writes the stub
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "make_exercise.py"), str(lesson),
                           "--out_dir", str(tmp_path)], capture_output=True, text=True)
@@ -101,7 +106,7 @@ def test_fill_one_function_and_check_it(tmp_path, lesson, module, written, tests
     assert mine.returncode == 0 and " passed" in mine.stdout, mine.stdout[-3000:]
 
     # 4. ...and the rest fail, one by one, saying what is not written yet (no collection error)
-    everything = run_check(lesson, module, stub_path, None)
+    everything = run_check(lesson, module, stub_path, rest)
     # (a fixture that builds on an unwritten function fails its tests' set-up: pytest says ERROR there)
     assert everything.returncode == 1, everything.stdout[-3000:]
     assert "ERROR collecting" not in everything.stdout and "during collection" not in everything.stdout
