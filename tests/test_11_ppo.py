@@ -187,3 +187,37 @@ def test_reward_model_of_another_tokenizer_is_refused(pipeline_dirs):
     with pytest.raises(ValueError, match="tokenizer"):
         run_lesson("11_ppo", "--fast_dev_run", "--checkpoint_path", str(base), "--reward", "rm", "--prompts", "preferences",
                    "--reward_model_path", str(path))
+
+
+def test_judge_report_pairs_the_prompts():
+    """Scores change prompt by prompt: before [1, 2, 3, 4], after [2, 2, 5, 4] -> changes [1, 0, 2, 0],
+    mean 0.75, stderr std/sqrt(4) = 0.9574 / 2; the flaw rate is a share with its binomial stderr."""
+    report = online_rl.judge_report({"scores": [1.0, 2.0, 3.0, 4.0], "flawed": [True, True, False, False]},
+                                    {"scores": [2.0, 2.0, 5.0, 4.0], "flawed": [False, True, False, False]})
+    assert report["report_n"] == 4 and (report["rm_score_before"], report["rm_score_after"]) == (2.5, 3.25)
+    assert report["rm_score_change"] == pytest.approx(0.75)
+    assert report["rm_score_change_stderr"] == pytest.approx((2.75 / 3) ** 0.5 / 2)
+    assert (report["flaw_rate_before"], report["flaw_rate_after"]) == (0.5, 0.25)
+    assert report["flaw_rate_stderr_after"] == pytest.approx((0.25 * 0.75 / 4) ** 0.5)
+
+
+def test_lesson_11_reward_model_run_reports_on_prompts_that_chose_nothing(pipeline_dirs):
+    """--reward rm --prompts preferences: the first --val_prompts of the val split choose the checkpoint,
+    the rest report it, scored by the reward model and by the flaw checkers."""
+    rm_lib, rl_prompts = impl("reward_model"), impl("rl_prompts")
+    base = pipeline_dirs / "runs" / "pretrain" / "default" / "checkpoints" / "ckpt_best.pth"
+    rm, ckpt = rm_lib.RewardModel.from_checkpoint(base)
+    path = pipeline_dirs / "runs" / "rm" / "smoke" / "rm.pth"
+    impl("fileio").save_checkpoint(path, {"model": rm.state_dict(),
+                                          **rm_lib.reward_model_extra(rm, ckpt["tokenizer_fingerprint"], str(base))})
+    run_lesson("11_ppo", "--fast_dev_run", "--checkpoint_path", str(base), "--reward", "rm", "--prompts", "preferences",
+               "--reward_model_path", str(path), "--run_name", "rm")
+    report = json.loads((pipeline_dirs / "runs" / "rlhf" / "online" / "ppo-rm" / "report.json").read_text())
+    assert report["report_n"] == 4  # --fast_dev_run: 8 validation prompts, 4 to report
+    assert 0.0 <= report["flaw_rate_before"] <= 1.0 and 0.0 <= report["flaw_rate_after"] <= 1.0
+    assert report["rm_score_change"] == pytest.approx(report["rm_score_after"] - report["rm_score_before"], abs=1e-5)
+    tokenizer = impl("checkpoint").load_tokenizer(ckpt["tokenizer_fingerprint"])
+    _, val = rl_prompts.load_prompt_sets("preferences", tokenizer, 8)
+    reported = rl_prompts.report_prompts("preferences", tokenizer, 8, 4)
+    assert len(val) == 8 and len(reported) == 4 and not set(map(tuple, val.ids)) & set(map(tuple, reported.ids))
+    assert all(info["kind"] in ("math", "story") for info in reported.infos)

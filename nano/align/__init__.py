@@ -7,7 +7,8 @@ Alignment: the reward model, DPO, GRPO and PPO (lessons 8-11).
     policy.py        where a run starts: the policy to train (full, LoRA, QLoRA) and its frozen reference
     logprobs.py      log-probs of response tokens, masked means, KL estimators, the clipped surrogate
     rollout.py       batches of sampled responses and their rewards
-    online_rl.py     online RL on the shared training loop (prompts, rollout buffers, held-out reward)
+    rl_prompts.py    an RL run's prompts: what it practises on, what chooses its checkpoint, what reports it
+    online_rl.py     online RL on the shared training loop (rollout buffers, held-out reward, the report)
     grpo.py          group-relative policy optimization
     ppo.py           PPO with a value head and GAE
 """

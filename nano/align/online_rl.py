@@ -38,16 +38,18 @@ from nano.common.config import save_config
 from nano.common.fileio import append_jsonl, read_jsonl, save_checkpoint, write_json
 from nano.common.paths import REWARD_MODEL, RunPaths, input_path
 from nano.common.plot import line_chart, write_svg
-from nano.text.bins import PreferenceDataset, load_rl_prompts
 from nano.model.generate import eval_mode
 from nano.model.lora import merge_lora, save_adapter
 from nano.checkpoints.checkpoint import load_checkpoint
-from nano.eval.words_skill import evaluate_words, load_words_prompts, words_prompt_ids
+from nano.eval.grading import accuracy_with_stderr
+from nano.eval.words_skill import evaluate_words, load_words_prompts
 from nano.train.sft import math_accuracy
 from nano.train.trainer import PROMPT_ORDER, Task, row_generator, shuffled_index, train
+from nano.align.flaws import find_flaws
 from nano.align.logprobs import group_std, response_logprobs
 from nano.align.policy import Policy, PolicyConfig, begin_run, load_policy, policy_state_for_saving
 from nano.align.reward_model import load_reward_model
+from nano.align.rl_prompts import PromptSet, load_prompt_sets, report_prompts
 from nano.align.rollout import Rollout, check_answers, check_words, math_rewards, sample_responses, words_rewards
 
 
@@ -111,47 +113,6 @@ class OnlineRLConfig(PolicyConfig):
     @property
     def steps_per_rollout(self) -> int:
         return self.epochs * self.minibatches
-
-
-@dataclass
-class PromptSet:
-    """Prompts to sample from: token ids, text, and what a reply must reach: the number (TinyMath), the
-    words to use (words), or None (no check: the reward model judges)."""
-
-    ids: list[list[int]]
-    texts: list[str]
-    answers: list[Any]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def subset(self, index: Sequence[int]) -> "PromptSet":
-        return PromptSet([self.ids[i] for i in index], [self.texts[i] for i in index], [self.answers[i] for i in index])
-
-
-def load_prompt_sets(kind: str, tokenizer: Any, val_size: int) -> tuple[PromptSet, PromptSet]:
-    """(train, validation) prompts. TinyMath: the RL prompts of lesson 2, the last `val_size` held out
-    for validation (the test problems are never touched). Words: lesson 0's training requests, the
-    last `val_size` held out likewise (the test requests are lesson 12's). Preferences: the prompts of
-    the preference pairs, train and val splits (stories and math questions; no answers)."""
-    if kind == "words":
-        rows = load_words_prompts("train")
-        if len(rows) <= val_size:
-            raise ValueError(f"only {len(rows)} words prompts: lower --val_prompts (now {val_size})")
-        full = PromptSet(words_prompt_ids(tokenizer, rows), [r.prompt for r in rows], [r.words for r in rows])
-        return full.subset(range(len(rows) - val_size)), full.subset(range(len(rows) - val_size, len(rows)))
-    if kind == "tinymath":
-        rows = load_rl_prompts("train", tokenizer)
-        if len(rows) <= val_size:
-            raise ValueError(f"only {len(rows)} RL prompts: lower --val_prompts (now {val_size})")
-        full = PromptSet([r.prompt_ids for r in rows], [r.prompt for r in rows], [r.answer for r in rows])
-        return full.subset(range(len(rows) - val_size)), full.subset(range(len(rows) - val_size, len(rows)))
-    sets = []
-    for split in ("train", "val"):
-        data = PreferenceDataset(split, tokenizer)
-        ids = [data[i]["prompt_ids"].tolist() for i in range(len(data))]
-        sets.append(PromptSet(ids, [tokenizer.decode(p) for p in ids], [None] * len(ids)))
-    return sets[0], sets[1].subset(range(min(val_size, len(sets[1]))))
 
 
 class Scorer:
@@ -307,13 +268,17 @@ class OnlineRun:
         return {k: result[k] for k in ("accuracy", "stderr", "n", "mean_share")}
 
     def heldout_prompts(self) -> PromptSet:
-        """The first --eval_problems held-out test prompts: TinyMath's (lesson 2's rl_test), or the words requests."""
-        n, tokenizer = self.cfg.eval_problems, self.tokenizer
-        if self.cfg.prompts == "words":
-            rows = load_words_prompts("test")[:n]
-            return PromptSet(words_prompt_ids(tokenizer, rows), [r.prompt for r in rows], [r.words for r in rows])
-        rows = load_rl_prompts("test", tokenizer)[:n]
-        return PromptSet([r.prompt_ids for r in rows], [r.prompt for r in rows], [r.answer for r in rows])
+        """The first --eval_problems prompts that report the run (nano/align/rl_prompts.py: report_prompts)."""
+        return report_prompts(self.cfg.prompts, self.tokenizer, self.cfg.val_prompts, self.cfg.eval_problems)
+
+    def judged(self) -> dict:
+        """--reward rm: the greedy answers to the report prompts, scored by the reward model AND by a judge the
+        run does not optimise, the flaw checkers (nano/align/flaws.py): per prompt, to compare before -> after."""
+        if self.cfg.reward != "rm" or not self.cfg.eval_problems:
+            return {}
+        prompts = self.heldout_prompts()
+        answers, scores = self.greedy_reward(self.model, prompts)
+        return {"scores": scores.tolist(), "flawed": [bool(find_flaws(t, i)) for t, i in zip(answers.texts, prompts.infos)]}
 
     def pass_rates(self) -> dict:
         """--pass_at_k k: k answers sampled (at the rollouts' temperature) per held-out prompt, and per practised
@@ -457,6 +422,7 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     before_test = run.test_accuracy()
     words_before = run.words_skill()
     pass_before = run.pass_rates()
+    judged_before = run.judged()
     practised_before = run.practised_reward(run.model)
     print(f"before: held-out reward {before_val['val_reward']:.3f}" +
           (f", TinyMath test {before_test['accuracy']:.1%} (± {before_test['stderr']:.1%})" if cfg.eval_problems else ""))
@@ -474,6 +440,7 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     after_test = run.test_accuracy(run.paths.dir / "tinymath_samples.jsonl")
     words_after = run.words_skill(run.paths.dir / "words_samples.jsonl")
     pass_after = run.pass_rates()
+    judged_after = run.judged()
     practised_after = run.practised_reward(run.model)
     plot_rl_history(run.paths.metrics, run.paths.dir / "rl.svg", method.name)
     report = {
@@ -486,12 +453,27 @@ def run_online_rl(cfg: OnlineRLConfig, stage: str, method: OnlineMethod) -> dict
     }
     if pass_before:
         report.update(pass_at_k_before=pass_before, pass_at_k_after=pass_after)
+    if judged_before:
+        report.update(judge_report(judged_before, judged_after))
     if words_before:  # the words skill on held-out requests, before -> after
         report.update({f"words_{k}_{when}": r[k] for when, r in (("before", words_before), ("after", words_after))
                        for k in ("accuracy", "stderr", "mean_share")}, words_n=words_after["n"])
     write_json(run.paths.report, report)
     print_report(run, report)
     return report
+
+
+def judge_report(before: dict, after: dict) -> dict:
+    """Reward-model scores and flaw rates of the same report prompts before and after, with standard errors.
+    A score's change is taken prompt by prompt (paired): only differences of scores mean something
+    (lesson 8: Bradley-Terry fixes no zero), and pairing removes the spread between prompts."""
+    change = torch.tensor(after["scores"]) - torch.tensor(before["scores"])
+    n = len(change)
+    out = {"report_n": n, "rm_score_before": sum(before["scores"]) / n, "rm_score_after": sum(after["scores"]) / n,
+           "rm_score_change": float(change.mean()), "rm_score_change_stderr": float(change.std() / n**0.5) if n > 1 else None}
+    for when, judged in (("before", before), ("after", after)):
+        out[f"flaw_rate_{when}"], out[f"flaw_rate_stderr_{when}"] = accuracy_with_stderr(judged["flawed"])
+    return out
 
 
 def print_report(run: OnlineRun, report: dict) -> None:
@@ -501,6 +483,11 @@ def print_report(run: OnlineRun, report: dict) -> None:
     if run.cfg.train_prompts:
         print(f"the {len(run.train_prompts)} practised training prompts (greedy): before {report['practised_reward_before']:.3f} -> "
               f"after {report['practised_reward_after']:.3f} (step {report['best_step']})")
+    if "report_n" in report:
+        print(f"{report['report_n']} report prompts (greedy; they chose nothing): reward-model score "
+              f"{report['rm_score_before']:+.2f} -> {report['rm_score_after']:+.2f}, change {report['rm_score_change']:+.2f} "
+              f"(± {report['rm_score_change_stderr'] or 0:.2f}); answers the flaw checkers fault "
+              f"{report['flaw_rate_before']:.1%} -> {report['flaw_rate_after']:.1%} (± {report['flaw_rate_stderr_after']:.1%})")
     if "words_n" in report:
         print(f"held-out words requests ({report['words_n']}, greedy): every word used {report['words_accuracy_before']:.1%} -> "
               f"{report['words_accuracy_after']:.1%} (± {report['words_stderr_after']:.1%}); share of words used "
