@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     for samples, temperature in ((1, 0.0), (args.samples, args.temperature)):
         if samples == 0:
             continue
-        r = evaluate_words(model, tokenizer, prompts, samples, temperature, args.max_new_tokens, progress="words")
+        r = evaluate_words(model, tokenizer, prompts, samples, temperature, args.max_new_tokens, batch_size=64,
+                           seed=1337, progress="words")
         how = "greedy" if temperature == 0 else f"{samples} samples each at temperature {temperature}"
         print(f"{len(prompts)} held-out prompts, {how}: every word used in {r['correct']}/{r['n']} answers = "
               f"{r['accuracy']:.1%} ± {r['stderr']:.1%}; mean share of words used {r['mean_share']:.1%}; "
