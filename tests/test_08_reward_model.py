@@ -100,6 +100,18 @@ def test_lesson_8_smoke_run_and_tokenizer_check(pipeline_dirs):
     assert not any(p.requires_grad for p in rm.parameters())
     with pytest.raises(ValueError, match="tokenizer"):
         rm_lib.load_reward_model(path, "0123456789abcdef")
+    # score_answers (the CLI lesson 11 asks the reward model with) lays an answer out exactly as lesson 8's pairs
+    from nano.checkpoints.checkpoint import load_tokenizer
+    from nano.common.fileio import read_jsonl
+    from nano.common.paths import raw_dir
+    from nano.text.bins import PreferenceDataset
+
+    tokenizer = load_tokenizer()
+    raw, pair = read_jsonl(raw_dir() / "preferences_val.jsonl")[0], PreferenceDataset("val", tokenizer)[0]
+    ids = torch.as_tensor(pair["chosen_ids"]).unsqueeze(0)
+    scores = rm_lib.score_answers(rm, tokenizer, raw["prompt"], [raw["chosen"], raw["rejected"]])
+    assert scores[0] == pytest.approx(rm(ids, torch.tensor([ids.shape[1]])).item(), abs=1e-5)
+    assert scores[1] != pytest.approx(scores[0])
 
 
 def test_missing_sft_checkpoint_names_lesson_5(nano_dirs):

@@ -14,15 +14,22 @@ maximise its log-likelihood:
 
     loss = -log sigmoid(r_chosen - r_rejected)
 
-Only differences of scores matter, so a reward model's scale and offset are arbitrary; lesson 11
-(PPO, `--reward rm`) uses the raw score.
+Only differences of scores enter the loss: adding a constant to every score changes nothing, so the
+zero is arbitrary (the sigmoid does fix the unit: a difference of 1 means odds of e to 1). Lesson 11
+(PPO, `--reward rm`) uses the raw score; its advantages are whitened, which removes any offset.
 
     rm = RewardModel.from_checkpoint("runs/sft/full/default/checkpoints/ckpt_best.pth")
     scores = rm(ids, lengths)          # (B,)
 
+Ask a trained one what it pays for (lesson 11 uses this to find what PPO learned to exploit):
+
+    python -m nano.align.reward_model --prompt "Tell me a story with the words moon, cake and dog." \
+        --answer "Once upon a time, ..." --answer "Once upon a time, ... And that was a very good day."
+
 Lesson 8 trains one: `make lesson-8`. Tests: `.venv/bin/python -m pytest -q tests/test_08_reward_model.py`.
 """
 
+import argparse
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,9 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nano.text.chat_format import encode_text, pad_token_id, render_prompt, special_id
 from nano.text.padding import right_pad
 from nano.model.gemma import GemmaNano, ModelConfig
-from nano.checkpoints.checkpoint import load_checkpoint, load_model
+from nano.checkpoints.checkpoint import load_checkpoint, load_model, load_tokenizer
+from nano.common.paths import REWARD_MODEL, input_path
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
@@ -124,3 +133,30 @@ def load_reward_model(path: str | Path, tokenizer_fingerprint: str | None = None
     rm = RewardModel(ModelConfig(**ckpt["model_config"]))
     rm.load_state_dict(ckpt["model"])
     return rm.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def score_answers(rm: RewardModel, tokenizer, prompt: str, answers: Sequence[str]) -> list[float]:
+    """The score of each answer to a one-turn `prompt`, laid out as lesson 8's pairs are: the rendered
+    prompt, the answer, <end_of_turn> (nano/text/bins.py: PreferenceDataset)."""
+    prompt_ids = render_prompt([{"role": "user", "content": prompt}], tokenizer)
+    end = special_id(tokenizer, "<end_of_turn>")
+    ids, lengths = right_pad([prompt_ids + encode_text(tokenizer, a) + [end] for a in answers], pad_token_id(tokenizer))
+    return rm(ids, lengths).tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Score answers to one prompt with lesson 8's reward model.")
+    parser.add_argument("--prompt", required=True, help="the user's message")
+    parser.add_argument("--answer", action="append", required=True, help="an answer to score (repeat the flag)")
+    parser.add_argument("--reward_model_path", default="", help=f"default runs/{REWARD_MODEL}")
+    args = parser.parse_args()
+    tokenizer = load_tokenizer()
+    rm = load_reward_model(input_path(args.reward_model_path, REWARD_MODEL), tokenizer.fingerprint())
+    for answer, score in zip(args.answer, score_answers(rm, tokenizer, args.prompt, args.answer)):
+        shown = answer if len(answer) <= 70 else f"{answer[:30]} ... {answer[-35:]}"
+        print(f"{score:+7.2f}  {shown!r}")
+
+
+if __name__ == "__main__":
+    main()
