@@ -11,7 +11,8 @@ the next token, over and over, on the token bins of lesson 2.
 What is this lesson's own, and what is shared: the loop (schedule, accumulation, clipping,
 checkpoints, resume, DDP, logs) is nano/train/trainer.py; here we only say what a batch is (random
 windows of the token stream), what the loss is (next-token cross-entropy), how to evaluate
-(validation loss and bits per byte) and what to sample (stories from <bos>).
+(validation loss and bits per byte, and whether the samples keep their characters: character names
+per story and pronoun agreement, nano/eval/coherence.py) and what to sample (stories from <bos>).
 """
 
 from dataclasses import asdict, dataclass, field
@@ -20,12 +21,15 @@ import numpy as np
 import torch
 
 from nano.common.config import parse_config, print_config, save_config, set_threads
+from nano.common.fileio import read_jsonl
 from nano.common.paths import RunPaths
 from nano.text.bins import load_pretrain_tokens
 from nano.model.gemma import GemmaNano, model_config
 from nano.model.generate import generate
 from nano.checkpoints.checkpoint import load_tokenizer
 from nano.eval.val_loss import token_byte_lengths, validation_loss
+from nano.eval.coherence import coherence, data_stories, format_coherence, sample_stories
+from nano.common.plot import line_chart, write_svg
 from nano.train.trainer import Task, TrainConfig, row_generator, train
 
 
@@ -42,11 +46,14 @@ class PretrainConfig(TrainConfig):
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (small models like it high)"})
     eval_every: int = field(default=100, metadata={"help": "steps between evaluations and checkpoints"})
     samples: int = field(default=3, metadata={"help": "stories written at each evaluation (samples.txt)"})
+    coherence_samples: int = field(default=100, metadata={
+        "help": "stories sampled at each evaluation to count character names and check pronouns (0: skip)"})
 
     def __post_init__(self):
         super().__post_init__()
         if self.fast_dev_run:
             self.samples = min(self.samples, 1)
+            self.coherence_samples = min(self.coherence_samples, 4)
 
 
 def flops_per_token(cfg, n_params: int) -> float:
@@ -99,10 +106,19 @@ def main(argv: list[str] | None = None) -> None:
         _, loss = model(x, targets=y)
         return loss
 
+    # does the model keep its characters? (nano/eval/coherence.py) The held-out stories set the level.
+    if cfg.coherence_samples:
+        data_level = coherence(data_stories(tokenizer, cfg.coherence_samples))
+        print(f"held-out stories: {format_coherence(data_level)}")
+
     def evaluate(model):
         val_loss, bpb = validation_loss(model, val_tokens, T, cfg.eval_batches, cfg.micro_batch_size,
                                         byte_lengths=byte_lengths)
-        return {"val_loss": val_loss, "val_bpb": bpb}
+        result = {"val_loss": val_loss, "val_bpb": bpb}
+        if cfg.coherence_samples:  # the same seed at every evaluation: the curve moves with the model only
+            c = coherence(sample_stories(model, tokenizer, cfg.coherence_samples, seed=cfg.seed))
+            result |= {"names_per_story": c["names_per_story"], "pronoun_agreement": c["pronoun_agreement"]}
+        return result
 
     bos, eos = tokenizer.special_tokens["<bos>"], tokenizer.special_tokens["<eos>"]
 
@@ -124,8 +140,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"final val loss {result.last_eval['val_loss']:.4f} nats/token, "
               f"{result.last_eval['val_bpb']:.4f} bits/byte; best val loss {result.best_value:.4f}")
         print(f"checkpoints: {run.checkpoints}; curve: {run.loss_plot}")
+        if cfg.coherence_samples:
+            plot_coherence(run, data_level)
         for i, text in enumerate(sample(model.eval())):
             print(f"\n--- sample {i + 1} ---\n{text}")
+
+
+def plot_coherence(run: RunPaths, data_level: dict) -> None:
+    """names per story at each evaluation, against the held-out stories' level: coherence.svg."""
+    evals = [row for row in read_jsonl(run.metrics) if "names_per_story" in row]
+    steps = [row["step"] for row in evals]
+    write_svg(run.dir / "coherence.svg", line_chart(
+        {"samples": [(row["step"], row["names_per_story"]) for row in evals],
+         "held-out stories": [(x, data_level["names_per_story"]) for x in (steps[0], steps[-1])]},
+        title=f"character names per story — {run.dir.name}", xlabel="step", ylabel="distinct names"))
+    last = evals[-1]
+    print(f"the samples at step {last['step']}: {last['names_per_story']:.2f} names per story, pronouns agree "
+          f"{last['pronoun_agreement']:.1%} (held-out stories: {data_level['names_per_story']:.2f}, "
+          f"{data_level['pronoun_agreement']:.1%}); curve: {run.dir / 'coherence.svg'}")
 
 
 if __name__ == "__main__":

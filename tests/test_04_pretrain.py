@@ -41,6 +41,9 @@ def test_fast_dev_run_writes_everything(pipeline_dirs):
     assert [r["step"] for r in rows if "loss" in r] == [0, 1, 2, 3]
     evals = [r for r in rows if "val_loss" in r]
     assert evals and all(0 < r["val_bpb"] < 16 for r in evals)
+    # the coherence measures of each evaluation's samples (nano/eval/coherence.py), and their curve
+    assert all(r["names_per_story"] >= 0 for r in evals) and "pronoun_agreement" in evals[-1]
+    assert (run / "coherence.svg").read_text().startswith("<svg")
     assert "=== step" in (run / "samples.txt").read_text()
     ckpt = torch.load(run / "checkpoints" / "ckpt_last.pth", weights_only=False)
     assert ckpt["step"] == 4 and ckpt["model_config"]["context_len"] == 64 and ckpt["tokenizer_fingerprint"]
@@ -97,7 +100,8 @@ def test_resumed_lesson_run_equals_an_unbroken_one(pipeline_dirs):
     """Lesson 4's own batches (make_batch in lessons/04_pretrain.py) must be a function of
     (seed, step, row): a run stopped after 2 steps and resumed computes what an unbroken run does."""
     common = ["--context_len", "64", "--micro_batch_size", "8", "--batch_size", "8", "--schedule", "constant",
-              "--warmup_steps", "1", "--eval_every", "2", "--eval_batches", "1", "--samples", "0"]
+              "--warmup_steps", "1", "--eval_every", "2", "--eval_batches", "1", "--samples", "0",
+              "--coherence_samples", "0"]
     run_lesson("04_pretrain", *common, "--steps", "4", "--run_name", "unbroken")
     run_lesson("04_pretrain", *common, "--steps", "2", "--run_name", "broken")
     run_lesson("04_pretrain", *common, "--steps", "4", "--run_name", "broken", "--resume")

@@ -31,7 +31,8 @@ from nano.checkpoints.checkpoint import load_model  # noqa: E402
 
 lesson = load_lesson("12_evaluate")
 
-FAST = ["--limit", "3", "--max_new_tokens", "6", "--num_fewshot", "1", "--val_batches", "1", "--val_batch_size", "2"]
+FAST = ["--limit", "3", "--max_new_tokens", "6", "--num_fewshot", "1", "--val_batches", "1", "--val_batch_size", "2",
+        "--coherence_samples", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,10 @@ def test_discovery_evaluates_the_stages_that_exist(data, tokenizer, capsys):
     assert words["n"] == len(rows) == 3  # --limit 3
     assert words["correct"] == sum(r["all_used"] for r in rows)
     assert all(r["share"] == impl("words_skill").words_share(r["output"], r["words"]) for r in rows)
+
+    # keeping the characters: sampled stories of every evaluated stage (the chat stage answers the words requests)
+    assert stages["base"]["coherence"]["n"] == stages["lora"]["coherence"]["n"] == 3
+    assert stages["sft-full"].get("coherence") is None
 
     # accuracy = the graded samples on disk
     for name in ("base", "lora"):
