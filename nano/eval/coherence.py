@@ -33,9 +33,14 @@ from typing import Any, Sequence
 
 import torch
 
-from nano.data.world import BOY_NAMES, GIRL_NAMES, PET_NAMES
+from nano.checkpoints.checkpoint import load_model, load_tokenizer
+from nano.common.paths import raw_dir, require
 from nano.data.stories import split_sentences
+from nano.data.story_files import read_stories
+from nano.data.world import BOY_NAMES, GIRL_NAMES, PET_NAMES
 from nano.eval.grading import accuracy_with_stderr
+from nano.model.generate import generate_batch
+from nano.text.chat_format import render_prompt, stop_token_ids
 
 # The settings of the samples lesson 4 writes, and of this measure everywhere: a story opening,
 # 160 new tokens (about 120 words, most of a corpus story), temperature 0.8, top-k 50.
@@ -101,9 +106,6 @@ def sample_stories(model: torch.nn.Module, tokenizer: Any, n: int, seed: int = 0
     answers `chat_prompts[i]` (story requests; lesson 12 uses the held-out words requests) in the chat
     format, and the text returned is its reply.
     """
-    from nano.model.generate import generate_batch
-    from nano.text.chat_format import render_prompt, stop_token_ids
-
     if chat_prompts is None:
         prompts = [[tokenizer.special_tokens["<bos>"]] + tokenizer.encode(STORY_PROMPT)] * n
         prefix, stops = STORY_PROMPT, [tokenizer.special_tokens["<eos>"]]
@@ -123,9 +125,6 @@ def sample_stories(model: torch.nn.Module, tokenizer: Any, n: int, seed: int = 0
 def data_stories(tokenizer: Any, n: int) -> list[str]:
     """The first `n` held-out corpus stories (lesson 0's stories_val.txt), each cut to the samples' length
     in tokens: the level a model's samples are compared with."""
-    from nano.common.paths import raw_dir, require
-    from nano.data.story_files import read_stories
-
     stories = read_stories(require(raw_dir() / "stories_val.txt", "held-out stories", 0))[:n]
     max_tokens = len(tokenizer.encode(STORY_PROMPT)) + MAX_NEW_TOKENS
     return [tokenizer.decode(tokenizer.encode(s)[:max_tokens]) for s in stories]
@@ -138,8 +137,6 @@ def format_coherence(c: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    from nano.checkpoints.checkpoint import load_model, load_tokenizer
-
     parser = argparse.ArgumentParser(description="Character names per story and pronoun agreement of a base "
                                                  "model's samples, against held-out stories of the corpus.")
     parser.add_argument("--checkpoint_path", required=True, help="a base model (lesson 4) checkpoint")
