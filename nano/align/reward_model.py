@@ -159,4 +159,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # no reward model, another tokenizer: say what to run
+        raise SystemExit(f"error: {e}")
