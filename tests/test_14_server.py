@@ -162,6 +162,8 @@ def test_completions_models_health_stats_and_page(client, served):
     assert page.status_code == 200 and b"/v1/chat/completions" in page.data
     assert b"http://" not in page.data and b"https://" not in page.data  # nothing fetched from the internet
     assert b"innerHTML" not in page.data  # model text goes in as text
+    icon = client.get("/favicon.ico")  # browsers fetch it by themselves: a 404 would be a console error
+    assert icon.status_code == 200 and icon.mimetype == "image/svg+xml" and icon.data.startswith(b"<svg")
 
 
 # ---- errors -----------------------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ from nano.serve.engine import Engine, QueueFull
 from nano.serve.sequence import SamplingParams
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+# the tab's icon: a blue disc with an "n", as SVG (served as /favicon.ico)
+FAVICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle cx="8" cy="8" r="8" fill="#2f6fdf"/>'
+               '<text x="8" y="12" font-size="11" text-anchor="middle" fill="#fff" font-family="sans-serif">n</text></svg>')
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits our contexts; more is a 413
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
@@ -253,6 +256,11 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_b
     @app.get("/")
     def chat_page():
         return Response((STATIC_DIR / "chat.html").read_text(encoding="utf-8"), mimetype="text/html")
+
+    @app.get("/favicon.ico")
+    def favicon():
+        # browsers ask for it on their own; without it the page's console shows a 404 on every load
+        return Response(FAVICON_SVG, mimetype="image/svg+xml")
 
     @app.get("/health")
     def health():
