@@ -115,11 +115,13 @@ def find_chromium() -> str | None:
 
 
 def run_chromium(url: str, *, dump_dom: bool = False, screenshot: str = "", budget_ms: int = 8000,
-                 size: str = "1100,640") -> str:
+                 size: str = "1100,640", console: list[str] | None = None) -> str:
     """Load `url` in headless Chromium; return the DOM it ended with (dump_dom) or save a PNG.
 
     --virtual-time-budget lets the page run its timers for that long (paused while requests are in
     flight, so a streamed reply finishes first). Every flag that would reach the internet is off.
+    A `console` list receives what the page wrote to its console (uncaught errors included): Chromium
+    logs each message to stderr as a line with ":CONSOLE" in it.
     """
     chromium = find_chromium()
     if chromium is None:
@@ -130,9 +132,12 @@ def run_chromium(url: str, *, dump_dom: bool = False, screenshot: str = "", budg
                    f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", f"--window-size={size}",
                    "--hide-scrollbars"]
         command += ["--dump-dom"] if dump_dom else [f"--screenshot={Path(screenshot).resolve()}"]
+        command += ["--enable-logging=stderr", "--v=0"] if console is not None else []
         result = subprocess.run(command + [url], capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise RuntimeError(f"chromium failed ({result.returncode}): {result.stderr[-2000:]}")
+    if console is not None:
+        console += [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
     return result.stdout
 
 

@@ -51,7 +51,8 @@ def test_page_streams_a_reply_in_headless_chromium():
             # it, so a dump without it is taken again, up to three times; the checks below are on
             # the last one.
             for _ in range(3):
-                dom = serve.run_chromium(f"{server.url}/?{query}", dump_dom=True, budget_ms=5000)
+                console: list[str] = []  # the page logs nothing itself: any line is an error it raised
+                dom = serve.run_chromium(f"{server.url}/?{query}", dump_dom=True, budget_ms=5000, console=console)
                 bubbles = re.findall(BUBBLE, dom, re.S)
                 if any(role == "assistant" and "finish:" in meta for role, _, meta in bubbles):
                     break
@@ -63,3 +64,4 @@ def test_page_streams_a_reply_in_headless_chromium():
     assert html.unescape(bubbles[1][1]) == expected[0]["text"]  # the streamed reply, whole
     assert "finish:" in bubbles[1][2]
     assert 'data-replies="1"' in dom
+    assert console == [], console
