@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nano.text.chat_format import encode_text, pad_token_id, render_prompt, special_id
+from nano.text.chat_format import pad_token_id, render_prompt, render_response
 from nano.text.padding import right_pad
 from nano.model.gemma import GemmaNano, ModelConfig
 from nano.checkpoints.checkpoint import load_checkpoint, load_model, load_tokenizer
@@ -138,10 +138,9 @@ def load_reward_model(path: str | Path, tokenizer_fingerprint: str | None = None
 @torch.no_grad()
 def score_answers(rm: RewardModel, tokenizer, prompt: str, answers: Sequence[str]) -> list[float]:
     """The score of each answer to a one-turn `prompt`, laid out as lesson 8's pairs are: the rendered
-    prompt, the answer, <end_of_turn> (nano/text/bins.py: PreferenceDataset)."""
+    prompt, the answer, <end_of_turn> (nano/text/bins.py: write_preference_bins)."""
     prompt_ids = render_prompt([{"role": "user", "content": prompt}], tokenizer)
-    end = special_id(tokenizer, "<end_of_turn>")
-    ids, lengths = right_pad([prompt_ids + encode_text(tokenizer, a) + [end] for a in answers], pad_token_id(tokenizer))
+    ids, lengths = right_pad([prompt_ids + render_response(a, tokenizer) for a in answers], pad_token_id(tokenizer))
     return rm(ids, lengths).tolist()
 
 
