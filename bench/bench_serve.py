@@ -58,7 +58,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dic
     params = SamplingParams(max_tokens=new_tokens)
     start, cpu_start = time.perf_counter(), time.thread_time()
     ids = [engine.submit(p, params) for p in prompts]
-    while engine.running or engine.waiting:
+    while engine.scheduler.has_work():
         engine.step()
     seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - cpu_start
     requests = [engine.release(i) for i in ids]

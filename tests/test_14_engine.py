@@ -48,12 +48,14 @@ def random_prompts(count: int, seed: int, longest: int = 20) -> list[list[int]]:
 def pool_is_pristine(engine) -> bool:
     allocator = engine.cache.allocator
     return (allocator.num_free == engine.cache.num_blocks and all(r == 0 for r in allocator.ref_counts)
-            and not engine.running and not engine.waiting)
+            and not engine.scheduler.has_work())
 
 
 def test_concurrent_greedy_equals_generate_alone(model):
     prompts = random_prompts(16, seed=1)
-    prompts += [prompts[3] + [7, 8, 9], prompts[3][:5]]  # shared prefixes: the prefix cache is used
+    # shared prefixes, all admitted in the same step: no block is in the prefix cache yet, so each
+    # computes its own (test_a_shared_system_prompt_is_computed_once has the hits)
+    prompts += [prompts[3] + [7, 8, 9], prompts[3][:5]]
     stops = (5, 9)  # some replies end at a stop token (kept as their last id, as generate does)
     alone = [generate_mod.generate(model, p, max_new_tokens=24, stop_tokens=stops) for p in prompts]
     engine = engine_mod.Engine(model, block_size=4, max_running=32)
@@ -95,6 +97,43 @@ def test_preemption_under_a_small_pool_gives_the_same_outputs(model):
     assert [o["token_ids"] for o in outputs] == alone
     assert pool_is_pristine(engine)
 
+
+
+def test_a_shared_system_prompt_is_computed_once(model):
+    system = random_prompts(1, seed=12, longest=40)[0] + list(range(24))  # 24+ tokens: several full blocks
+    prompts = [system + question for question in random_prompts(6, seed=13, longest=6)]
+    alone = [generate_mod.generate(model, p, max_new_tokens=10) for p in prompts]
+    engine = engine_mod.Engine(model, block_size=4)
+    first = engine.submit(prompts[0], SamplingParams(max_tokens=10))
+    engine.step()  # its prompt is in the cache now, full blocks registered
+    ids = [first] + [engine.submit(p, SamplingParams(max_tokens=10)) for p in prompts[1:]]
+    while engine.scheduler.has_work():
+        engine.step()
+    shared_blocks = len(system) // 4
+    # each later prompt found every full block of the system prompt (the allocator counts blocks)
+    assert engine.cache.allocator.hits >= 5 * shared_blocks
+    assert [engine.release(i).sequences[0].output_ids for i in ids] == alone
+
+
+@pytest.mark.parametrize("pool", [None, 14])
+def test_chunked_prefill_gives_the_same_outputs(model, pool):
+    prompts = random_prompts(10, seed=3, longest=40)
+    prompts += [prompts[2] + [5, 6], prompts[2][:9]]  # shared prefixes, partly cached while chunks go in
+    alone = [generate_mod.generate(model, p, max_new_tokens=16) for p in prompts]
+    # 7 prompt tokens a step: most prompts take several steps, beside the others' decoding; with 14
+    # blocks of 4 the pool also runs dry, and a sequence may be preempted in the middle of its prompt
+    engine = engine_mod.Engine(model, num_blocks=pool, block_size=4, max_prefill_tokens=7, chunked_prefill=True)
+    steps_with_both = 0
+    ids = [engine.submit(p, SamplingParams(max_tokens=16)) for p in prompts]
+    while engine.scheduler.has_work():
+        prefill_before = len(engine.scheduler.prefilling)
+        engine.step()
+        steps_with_both += prefill_before > 0 and len(engine.running) > 0
+    assert steps_with_both > 0
+    assert [engine.release(i).sequences[0].output_ids for i in ids] == alone
+    if pool:
+        assert engine.preemptions > 0
+    assert pool_is_pristine(engine)
 
 def test_cancellation_frees_every_block_at_once(model):
     engine = engine_mod.Engine(model, num_blocks=40, block_size=4)

@@ -5,8 +5,9 @@ Implement
   - `BlockAllocator(num_blocks, block_size)`: a free list (oldest freed block handed out first),
     reference counts (`allocate` gives a block with count 1, `share` adds a holder, `free` removes
     one and returns the block to the free list at zero), and the prefix cache: `register(block,
-    hash, tokens)` remembers a full block, `lookup(hash, tokens)` finds it again (checking the
-    tokens, not only the hash) and shares it; a block handed out by `allocate` forgets its prefix;
+    hash, prefix)` remembers a full block (prefix: every token up to its end), `lookup(hash, prefix)`
+    finds it again (checking the whole prefix, not only the hash) and shares it; a block handed out
+    by `allocate` forgets its prefix;
   - `PagedKVCache(cfg, num_blocks, block_size)`: per layer, pools (num_blocks, block_size, Hkv, D);
     `allocate(seq, tokens)` (returns the leading tokens that were prefix-cache hits),
     `append_slot(seq)` (a new block when the last is full; copy-on-write of a shared block),
@@ -116,6 +117,21 @@ def test_prefix_cache_shares_full_blocks_of_equal_prompts():
     d = kv.SequenceBlocks()
     assert cache.allocate(d, prompt + [42]) == 8
 
+
+
+def test_a_hash_collision_is_not_a_hit(monkeypatch):
+    # a deliberately weak hash that forgets the chain: blocks [1,2,3,4] + [5,6,7,8] and [9,9,9,9] +
+    # [5,6,7,8] then have the same second key, and the second block's tokens are equal too. Only the
+    # prefix tells them apart, and its keys differ (attention mixed the first block into them).
+    monkeypatch.setattr(kv, "block_hash", lambda parent, tokens: hash(tuple(tokens)))
+    cache = kv.PagedKVCache(small_cfg(), num_blocks=8, block_size=4)
+    a = kv.SequenceBlocks()
+    cache.allocate(a, [1, 2, 3, 4, 5, 6, 7, 8, 0])
+    cache.commit(a, [1, 2, 3, 4, 5, 6, 7, 8, 0])
+    cache.allocator.register(7, kv.block_hash(None, [9, 9, 9, 9]), [9, 9, 9, 9])  # block 7 "holds" [9,9,9,9]
+    b = kv.SequenceBlocks()
+    assert cache.allocate(b, [9, 9, 9, 9, 5, 6, 7, 8, 0]) == 4  # the first block hits; the second must not
+    assert b.block_table[0] == 7 and b.block_table[1] != a.block_table[1]
 
 def test_fork_shares_blocks_and_copies_on_write():
     cfg = small_cfg()

@@ -11,7 +11,10 @@ Implement `Scheduler(cache, max_running, max_prefill_tokens)` over a `PagedKVCac
     when the pool is dry, `preempt` the newest (this step's admitted first, then the running from
     the end) until it fits; returns the sequences that decode this step;
   - `preempt(seq)`: free its blocks, num_computed = 0, put it FIRST in the waiting line;
-  - `schedule()`: `admit`, then `reserve_decode_slots` -> (prefill, decode);
+  - `schedule()`: `admit`, then `reserve_decode_slots` -> (prefill, decode), each of prefill with
+    `num_scheduled` prompt tokens to feed and `last_chunk` (whether they finish its prompt);
+  - chunked prefill (`chunked_prefill=True`): a prompt longer than the step's budget is fed in
+    pieces, one per step, and waits in `prefilling` in between; the running decode all along;
   - `fork(parent)`: the parent's request's other choices share its blocks (`cache.fork`) and run;
   - `join_running(prefill)`, `remove(seq)`.
 
@@ -45,10 +48,14 @@ def make_seq(seq_id: int, length: int, n: int = 1) -> SequenceState:
 
 
 def finish_step(scheduler, prefill, decode, token: int = 1) -> None:
-    """What the engine does after the model call: the K/V are in, each sequence gets one more token."""
+    """What the engine does after the model call: the K/V are in; a prompt fed only a piece of itself
+    (chunked prefill) waits for its next piece, every other sequence gets one more token."""
     for seq in prefill + decode:
-        seq.num_computed = len(seq.tokens)
-        seq.tokens.append(token)
+        if seq in prefill and not seq.last_chunk:
+            seq.num_computed += seq.num_scheduled
+        else:
+            seq.num_computed = len(seq.tokens)
+            seq.tokens.append(token)
     scheduler.join_running(prefill)
 
 
@@ -126,3 +133,28 @@ def test_fork_shares_the_prompt_blocks_and_remove_frees_them(cfg):
         scheduler.remove(seq)
     assert not scheduler.running and not scheduler.waiting
     assert cache.allocator.num_free == 16 and all(r == 0 for r in cache.allocator.ref_counts)
+
+
+def test_chunked_prefill_feeds_a_long_prompt_in_pieces_beside_the_running(cfg):
+    cache = kv.PagedKVCache(cfg, num_blocks=32, block_size=4)
+    scheduler = scheduler_mod.Scheduler(cache, max_running=8, max_prefill_tokens=10, chunked_prefill=True)
+    short, long = make_seq(1, 3), make_seq(2, 25)
+    scheduler.add(short)
+    prefill, decode = scheduler.schedule()
+    finish_step(scheduler, prefill, decode)  # short is running
+    scheduler.add(long)
+    pieces = []
+    for _ in range(3):  # 25 prompt tokens at 10 a step: 10, 10, 5; short decodes in every one of those steps
+        prefill, decode = scheduler.schedule()
+        assert prefill == [long] and decode == [short]
+        pieces.append((long.num_scheduled, long.last_chunk))
+        finish_step(scheduler, prefill, decode)
+        if not long.last_chunk:  # fed a piece: still prefilling, no token written
+            assert scheduler.prefilling == [long] and scheduler.running == [short] and len(long.tokens) == 25
+    assert pieces == [(10, False), (10, False), (5, True)] and long.num_computed == 25
+    assert scheduler.running == [short, long] and scheduler.prefilling == []
+    # unchunked, the same prompt goes whole in one step (the budget only holds back a second prompt)
+    whole = scheduler_mod.Scheduler(kv.PagedKVCache(cfg, num_blocks=32, block_size=4), max_prefill_tokens=10)
+    whole.add(make_seq(3, 25))
+    prefill, _ = whole.schedule()
+    assert prefill[0].num_scheduled == 25 and prefill[0].last_chunk

@@ -76,7 +76,7 @@ def pool_is_pristine(engine, timeout: float = 5.0) -> bool:
     while time.time() < deadline:
         with engine.lock:
             a = engine.cache.allocator
-            if a.num_free == engine.cache.num_blocks and not engine.running and not engine.waiting:
+            if a.num_free == engine.cache.num_blocks and not engine.scheduler.has_work():
                 return all(r == 0 for r in a.ref_counts)
         time.sleep(0.02)
     return False

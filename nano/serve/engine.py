@@ -84,13 +84,15 @@ class Engine:
     """Continuous batching over a paged KV cache, safe to call from many threads.
 
     max_running: sequences decoded together at most (the batch). max_waiting: requests queued at most
-    (more raise QueueFull). max_prefill_tokens: prompt tokens admitted per step (a long prompt still
-    goes alone), which bounds how long one step can stall the running sequences.
+    (more raise QueueFull). max_prefill_tokens: prompt tokens fed per step, which bounds how long one
+    step can stall the running sequences; a longer prompt goes whole (alone) or, with chunked_prefill,
+    in pieces over several steps (nano/serve/scheduler.py).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, num_blocks: int | None = None, block_size: int = 16,
                  max_running: int = 64, max_waiting: int = 256, max_prefill_tokens: int = 2048,
-                 kv_budget_bytes: int = 256 * 2**20, prefix_caching: bool = True, model_name: str = "nano"):
+                 kv_budget_bytes: int = 256 * 2**20, prefix_caching: bool = True, chunked_prefill: bool = False,
+                 model_name: str = "nano"):
         model.eval()
         self.model, self.tokenizer, self.cfg, self.model_name = model, tokenizer, model.cfg, model_name
         device = next(model.parameters()).device
@@ -101,7 +103,7 @@ class Engine:
         self.cache = PagedKVCache(self.cfg, num_blocks, block_size, device=device, dtype=dtype,
                                   prefix_caching=prefix_caching)
         self.runner = ModelRunner(model, self.cache)
-        self.scheduler = Scheduler(self.cache, max_running, max_prefill_tokens)
+        self.scheduler = Scheduler(self.cache, max_running, max_prefill_tokens, chunked_prefill)
         self.max_waiting = max_waiting
         self.requests: dict[str, Request] = {}
         self.lock = threading.RLock()
@@ -272,21 +274,28 @@ class Engine:
             prefill, decode = self.scheduler.schedule()
             if not prefill and not decode:
                 return 0
-            # the newly admitted feed every token not yet cached; the running feed their last token
-            spans = [(s.blocks, s.tokens[s.num_computed:], s.num_computed) for s in prefill]
+            # prompts feed their next piece (all that is not cached, unless chunked); the running their last token
+            spans = [(s.blocks, s.tokens[s.num_computed:s.num_computed + s.num_scheduled], s.num_computed)
+                     for s in prefill]
             spans += [(s.blocks, s.tokens[-1:], len(s.tokens) - 1) for s in decode]
             logits = self.runner.forward(spans)  # (S, V)
-            made = self._sample_and_update(prefill + decode, logits)
+            for seq in prefill:  # a piece that leaves some of its prompt for later steps samples nothing
+                if not seq.last_chunk:
+                    seq.num_computed += seq.num_scheduled
+                    self.cache.commit(seq.blocks, seq.tokens[:seq.num_computed])  # its full blocks can be hits
+            sampled = [(row, s) for row, s in enumerate(prefill) if s.last_chunk] + list(enumerate(decode, len(prefill)))
+            made = self._sample_and_update(sampled, logits)
             self.scheduler.join_running(prefill)
             self._record(made)
             return made
 
-    def _sample_and_update(self, seqs: list[SequenceState], logits: torch.Tensor) -> int:
+    def _sample_and_update(self, rows: list[tuple[int, SequenceState]], logits: torch.Tensor) -> int:
+        """One new token for each (row of logits, sequence); returns how many were made."""
         made = 0
         # one call for every greedy row; max(...).indices is argmax (the first of equal maxima), faster on a CPU
         greedy = logits.max(dim=-1).indices.tolist()
         now = time.perf_counter()
-        for row, seq in enumerate(seqs):
+        for row, seq in rows:
             seq.num_computed = len(seq.tokens)
             self.cache.commit(seq.blocks, seq.tokens)  # full blocks join the prefix cache
             # n > 1: the other choices share this prompt's blocks (copy-on-write) and logits
@@ -385,13 +394,14 @@ class Engine:
             for block in allocator.free_list:
                 if block in allocator.hash_of_block:
                     owners[block] = "cached"
-            for seq in self.running:
+            in_cache = self.running + self.scheduler.prefilling
+            for seq in in_cache:
                 for block in seq.blocks.block_table:
                     owners[block] = "shared" if allocator.ref_counts[block] > 1 else seq.seq_id
-            tokens_cached = sum(s.blocks.num_tokens for s in self.running)
+            tokens_cached = sum(s.blocks.num_tokens for s in in_cache)
             used = allocator.num_used
             return {
-                "running": len(self.running),
+                "running": len(in_cache),
                 "waiting": len(self.waiting),
                 "kv_blocks_total": self.cache.num_blocks,
                 "kv_blocks_used": used,

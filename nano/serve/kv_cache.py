@@ -19,8 +19,12 @@ system's answer, virtual memory:
 Prefix caching (as vLLM does it): every full block gets a hash chained with the hash of the block
 before it, hash(parent_hash, its tokens), so a block's hash stands for the WHOLE prefix up to its end.
 A new prompt looks its blocks up by hash, one after another, and reuses each hit instead of
-computing its keys and values again; a hit is confirmed by comparing the tokens themselves (two
-prefixes could share a hash). A freed block keeps its contents and hash while it waits in the free
+computing its keys and values again. A hit is confirmed by comparing the WHOLE prefix, every token
+from the first to the block's end, not just the block's own tokens: a block's keys depend on every
+token before it (attention mixed them in), and two different prefixes could share a hash. Python's
+hash is fast but not collision-resistant (someone could craft a prompt whose hash equals another
+user's); keeping a copy of each cached prefix costs memory (8 bytes a token per cached block) and
+makes a wrong hit impossible. vLLM makes the other trade: a cryptographic hash (SHA-256), no copy. A freed block keeps its contents and hash while it waits in the free
 list, so a later request can still hit it; it is forgotten only when the block is handed out again.
 
 Attention reads the cache through the block table (`paged_attention_reference`, a torch gather;
@@ -56,7 +60,7 @@ def block_hash(parent_hash: int, tokens: Sequence[int]) -> int:
 
     Python's hash of a tuple of ints is the same in every process (only str/bytes hashes are
     randomised), so the key is reproducible. Equal keys almost surely mean equal prefixes; the
-    allocator still compares the tokens on a hit.
+    allocator still compares the whole prefix on a hit.
 
     >>> block_hash(ROOT_HASH, [1, 2]) == block_hash(ROOT_HASH, [1, 2]), block_hash(7, [1, 2]) == block_hash(8, [1, 2])
     (True, False)
@@ -99,7 +103,7 @@ class BlockAllocator:
         self.free_list: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.hash_of_block: dict[int, int] = {}  # block -> the prefix hash it holds
         self.block_of_hash: dict[int, int] = {}  # prefix hash -> block (the inverse)
-        self.tokens_of_block: dict[int, tuple[int, ...]] = {}  # block -> its tokens, to confirm a hit
+        self.prefix_of_block: dict[int, tuple[int, ...]] = {}  # block -> every token up to its end, to confirm a hit
         self.hits = self.lookups = 0  # prefix-cache statistics (blocks)
 
     # ---- counts ---------------------------------------------------------------------------------
@@ -145,32 +149,35 @@ class BlockAllocator:
 
     # ---- the prefix cache ------------------------------------------------------------------------
 
-    def lookup(self, prefix_hash: int, tokens: Sequence[int]) -> int | None:
-        """The block that holds this exact full block of tokens after this exact prefix, or None.
+    def lookup(self, prefix_hash: int, prefix: Sequence[int]) -> int | None:
+        """The block whose K/V are those of `prefix`'s last full block, or None.
 
-        On a hit the block is shared (its ref count goes up): the caller now holds it.
+        prefix: every token from the sequence's start to the end of the block looked up. The hash
+        finds a candidate; only an equal prefix is a hit. On a hit the block is shared (its ref count
+        goes up): the caller now holds it.
         """
         self.lookups += 1
         block = self.block_of_hash.get(prefix_hash)
-        if block is None or self.tokens_of_block[block] != tuple(tokens):  # footgun: a hash is not proof
+        if block is None or self.prefix_of_block[block] != tuple(prefix):  # footgun: a hash is not proof
             return None
         self.hits += 1
         self.share(block)
         return block
 
-    def register(self, block: int, prefix_hash: int, tokens: Sequence[int]) -> None:
-        """Record that `block` (full, its K/V written) holds `tokens` after the prefix `prefix_hash`."""
+    def register(self, block: int, prefix_hash: int, prefix: Sequence[int]) -> None:
+        """Record that `block` (full, its K/V written) holds the last block of `prefix` (every token from
+        the start to its end), whose chained hash is `prefix_hash`."""
         if prefix_hash in self.block_of_hash or block in self.hash_of_block:
             return  # another block already holds this prefix (two sequences wrote it at once), keep the first
         self.hash_of_block[block] = prefix_hash
         self.block_of_hash[prefix_hash] = block
-        self.tokens_of_block[block] = tuple(tokens)
+        self.prefix_of_block[block] = tuple(prefix)
 
     def _forget(self, block: int) -> None:
         prefix_hash = self.hash_of_block.pop(block, None)
         if prefix_hash is not None:
             del self.block_of_hash[prefix_hash]
-            del self.tokens_of_block[block]
+            del self.prefix_of_block[block]
 
     def hit_rate(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
@@ -247,7 +254,7 @@ class PagedKVCache:
             for i in range((len(token_ids) - 1) // self.block_size):
                 block_tokens = token_ids[i * self.block_size:(i + 1) * self.block_size]
                 h = block_hash(parent, block_tokens)
-                block = self.allocator.lookup(h, block_tokens)
+                block = self.allocator.lookup(h, token_ids[:(i + 1) * self.block_size])
                 if block is None:
                     break
                 seq.block_table.append(block)
@@ -298,7 +305,7 @@ class PagedKVCache:
             h = block_hash(parent, block_tokens)
             seq.block_hashes.append(h)
             if self.prefix_caching:
-                self.allocator.register(seq.block_table[i], h, block_tokens)
+                self.allocator.register(seq.block_table[i], h, token_ids[:(i + 1) * self.block_size])
 
     def fork(self, seq: SequenceBlocks) -> SequenceBlocks:
         """A second sequence with the same contents: every block shared (ref count + 1), nothing copied.

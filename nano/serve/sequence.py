@@ -53,6 +53,8 @@ class SequenceState:
     prompt_len: int = 0
     blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
     num_computed: int = 0  # leading tokens whose K/V are in the cache
+    num_scheduled: int = 0  # prompt tokens fed in this step (set by the scheduler; chunked prefill: a piece)
+    last_chunk: bool = False  # does this step's piece finish the prompt? (then the step samples a token)
     text: str = ""  # decoded reply so far (stop strings cut it)
     num_sent: int = 0  # characters of `text` already streamed
     finish_reason: str | None = None  # "stop", "length", "cancelled"
