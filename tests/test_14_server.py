@@ -147,7 +147,7 @@ def test_completions_models_health_stats_and_page(client, served):
     assert body["usage"]["completion_tokens"] <= 5
     models = client.get("/v1/models").get_json()
     assert models["object"] == "list" and models["data"][0]["id"] == "toy" and models["data"][0]["object"] == "model"
-    assert client.get("/health").get_json() == {"status": "ok"}
+    assert client.get("/health").get_json() == {"status": "ok", "api_key_required": False}
     for _ in range(2):  # the same prompt twice: its full blocks are prefix-cache hits the second time
         client.post("/v1/chat/completions", json=chat(max_tokens=2))
     stats = client.get("/stats").get_json()
@@ -239,6 +239,7 @@ def test_api_key(served):
     ok = client.post("/v1/chat/completions", json=chat(max_tokens=2), headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
     assert client.get("/health").status_code == 200 and client.get("/").status_code == 200  # open
+    assert client.get("/health").get_json()["api_key_required"]  # the page asks for the key first
 
 
 # ---- a real server on a loopback port -------------------------------------------------------------------------

@@ -265,8 +265,9 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_b
     @app.get("/health")
     def health():
         alive = all(m.engine.is_alive() for m in models.values())
-        return Response(json.dumps({"status": "ok" if alive else "engine stopped"}), status=200 if alive else 503,
-                        mimetype="application/json")
+        # api_key_required: the chat page asks for the key before it calls anything that needs one
+        body = {"status": "ok" if alive else "engine stopped", "api_key_required": api_key is not None}
+        return Response(json.dumps(body), status=200 if alive else 503, mimetype="application/json")
 
     @app.get("/v1/models")
     def list_models():
