@@ -246,8 +246,10 @@ def chunked_prefill(model, args) -> None:
     print(f"\n4. Chunked prefill: {args.decoders} sequences decoding 160 tokens each; a {long_len}-token prompt "
           f"arrives every 20 ms of the trace clock")
     rows = {}
-    for label, kwargs in (("whole prompts", {}),
-                          (f"pieces of {args.chunk}", dict(chunked_prefill=True, max_prefill_tokens=args.chunk))):
+    ways = [("whole prompts", dict(chunked_prefill=False, max_prefill_tokens=2048))]
+    ways += [(f"pieces of {n}", dict(chunked_prefill=True, max_prefill_tokens=n))
+                                      for n in map(int, args.chunks.split(","))]
+    for label, kwargs in ways:
         decoders = [Arrival(0.0, [rng.randrange(10, cfg.vocab_size) for _ in range(16)], 160)
                     for _ in range(args.decoders)]
         longs = [Arrival(0.02 * (i + 1), [rng.randrange(10, cfg.vocab_size) for _ in range(long_len)], 8)
@@ -260,10 +262,9 @@ def chunked_prefill(model, args) -> None:
         print(f"  {label:<15} gap between two tokens of a running sequence: p50 {rows[label][0] * 1e3:5.2f} ms, "
               f"p99 {rows[label][1] * 1e3:6.2f} ms, max {rows[label][2] * 1e3:6.2f} ms; long prompts' first "
               f"token {ttft * 1e3:6.1f} ms; all done at {clock:.2f} s")
-    (whole, chunked) = rows.values()
     record("bench_traffic", f"inter-token p99 of {args.decoders} running while long prompts arrive, {args.preset}: "
-           f"whole vs pieces of {args.chunk}", f"{whole[1] * 1e3:.2f} vs {chunked[1] * 1e3:.2f} ms; "
-           f"total {whole[4]:.2f} vs {chunked[4]:.2f} s")
+           + " / ".join(rows), " / ".join(f"{row[1] * 1e3:.1f}" for row in rows.values()) + " ms; all done at "
+           + " / ".join(f"{row[4]:.2f}" for row in rows.values()) + " s")
 
 
 def main() -> None:
@@ -279,7 +280,7 @@ def main() -> None:
     parser.add_argument("--system_tokens", type=int, default=160)
     parser.add_argument("--decoders", type=int, default=60)
     parser.add_argument("--long_prompts", type=int, default=4)
-    parser.add_argument("--chunk", type=int, default=32, help="prompt tokens per step with chunked prefill")
+    parser.add_argument("--chunks", default="32,64,128", help="prompt tokens per step to try with chunked prefill")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", default="1,2,3,4")
     args = parser.parse_args()

@@ -53,6 +53,8 @@ class ServeConfig:
     num_blocks: int = field(default=0, metadata={"help": "KV blocks in the pool (0 = enough for max_running full contexts)"})
     max_running: int = field(default=64, metadata={"help": "sequences decoded together at most"})
     max_waiting: int = field(default=256, metadata={"help": "queued sequences at most (more get HTTP 429)"})
+    max_prefill_tokens: int = field(default=128, metadata={"help": "prompt tokens fed per engine step"})
+    chunked_prefill: bool = field(default=True, metadata={"help": "feed a prompt longer than max_prefill_tokens in pieces, one a step, beside the running sequences (false: whole, alone)"})
     self_check: bool = field(default=False, metadata={"help": "serve on a free port, run concurrent clients, print numbers, stop"})
     screenshot: str = field(default="", metadata={"help": "save a headless-Chromium screenshot of the chat page answering a demo message to this PNG, then stop"})
     check_clients: int = field(default=8, metadata={"help": "--self_check: concurrent streaming clients"})
@@ -252,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     served = {}
     for name, (model, tokenizer, description) in load_models(cfg, device).items():
         engine = Engine(model, tokenizer, num_blocks=cfg.num_blocks or None, block_size=cfg.block_size,
-                        max_running=cfg.max_running, max_waiting=cfg.max_waiting, model_name=name).start()
+                        max_running=cfg.max_running, max_waiting=cfg.max_waiting,
+                        max_prefill_tokens=cfg.max_prefill_tokens, chunked_prefill=cfg.chunked_prefill,
+                        model_name=name).start()
         served[name] = ServedModel(engine, tokenizer, description)
         print(f"model {name!r}: {description}")
     first_name, first = next(iter(served.items()))

@@ -53,8 +53,8 @@ def pool_is_pristine(engine) -> bool:
 
 def test_concurrent_greedy_equals_generate_alone(model):
     prompts = random_prompts(16, seed=1)
-    # shared prefixes, all admitted in the same step: no block is in the prefix cache yet, so each
-    # computes its own (test_a_shared_system_prompt_is_computed_once has the hits)
+    # shared prefixes: a hit or not depends on whether the first had its blocks in the cache when
+    # the others were admitted (test_a_shared_system_prompt_is_computed_once makes sure, and counts)
     prompts += [prompts[3] + [7, 8, 9], prompts[3][:5]]
     stops = (5, 9)  # some replies end at a stop token (kept as their last id, as generate does)
     alone = [generate_mod.generate(model, p, max_new_tokens=24, stop_tokens=stops) for p in prompts]
