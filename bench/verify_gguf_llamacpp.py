@@ -179,7 +179,7 @@ def check_greedy(paths, gguf, model, tokenizer, new_tokens: int) -> int:
         print(f"   llama.cpp {theirs}")
         print(f"   same {new_tokens} tokens: {same}; max |logit ours - llama.cpp| along llama.cpp's path: {diff:.2e} "
               f"(logits up to {their_logits.abs().max().item():.1f})")
-        print(f"   text: {tokenizer.decode([t for t in ours if t not in specials])!r}")
+        print(f"   ours as text (special tokens left out): {tokenizer.decode([t for t in ours if t not in specials])!r}")
         # llama.cpp's stock tool, from text: its tokenizer, its sampler at temperature 0 (greedy), its default
         # fp16 KV cache and flash attention. It adds <bos> itself (tokenizer.ggml.add_bos_token), parses the
         # special tokens of the prompt, and stops at an end-of-generation token (our <end_of_turn>), after
@@ -224,7 +224,7 @@ def wait_until_quiet(max_wait: float) -> bool:
     waited, ours = 0.0, {os.getpid()}
     while True:
         top = subprocess.run(["ps", "aux", "--sort=-%cpu"], capture_output=True, text=True).stdout.splitlines()[:8]
-        heavy = [line for line in top[1:] if int(line.split()[1]) not in ours
+        heavy = [line for line in top[1:] if int(line.split()[1]) not in ours and " ps aux " not in line
                  and (float(line.split()[2]) >= 20 or (float(line.split()[2]) >= 1 and any(h in line for h in HEAVY)))]
         busy = cpu_busy()
         if not heavy and busy < 0.3:
@@ -255,6 +255,8 @@ def ours_speed(model, prompt_len, new_tokens, parallel) -> dict:
     prompts = [torch.randint(10, model.cfg.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(max(parallel))]
     params = SamplingParams(max_tokens=new_tokens)  # greedy; no stop token set: exactly new_tokens each
     engine = Engine(model, max_running=max(parallel), prefix_caching=False)
+    generate(model, prompts[0], 8)  # warm up (first calls allocate), as llama-batched-bench does before it times
+    engine.generate(prompts[:2], SamplingParams(max_tokens=8))
     speeds = {}
     start = time.perf_counter()
     out = generate(model, prompts[0], new_tokens)
@@ -287,13 +289,15 @@ def speed_table(paths, gguf, model, args) -> None:
 
     print(f"\n4. speed, one thread, {args.prompt_len}-token prompts, {args.speed_new_tokens} new tokens each, best of {args.repeats} "
           f"(tokens/s = new tokens / wall time, prompt processing included){'' if quiet else '  [machine was not quiet]'}")
-    print("\n| parallel sequences | llama.cpp tokens/s | llama.cpp decode only (S_TG) | ours | ours tokens/s | ours / llama.cpp |")
-    print("|---:|---:|---:|---|---:|---:|")
-    for label, pl, key in (("1", 1, "generate"), ("1", 1, 1), ("16", 16, 16), ("64", 64, 64)):
-        llama = best_llama[pl]
+    print("\n| parallel sequences | llama.cpp tokens/s | llama.cpp decode only (S_TG) | ours | ours tokens/s | "
+          "ms per step, llama.cpp / ours | ours / llama.cpp |")
+    print("|---:|---:|---:|---|---:|---:|---:|")
+    for pl, key in ((1, "generate"), (1, 1), (16, 16), (64, 64)):
+        llama, rate = best_llama[pl], best_ours[key]
         what = "generate (nano/model/generate.py)" if key == "generate" else "engine (nano/serve/engine.py)"
-        print(f"| {label} | {llama['gen_per_s']:.0f} | {llama['speed_tg']:.0f} | {what} | {best_ours[key]:.0f} | "
-              f"{best_ours[key] / llama['gen_per_s']:.2f}x |")
+        # a step makes one token for each of the pl sequences: ms per step = 1000 pl / (tokens/s)
+        print(f"| {pl} | {llama['gen_per_s']:.0f} | {llama['speed_tg']:.0f} | {what} | {rate:.0f} | "
+              f"{1000 * pl / llama['gen_per_s']:.2f} / {1000 * pl / rate:.2f} | {rate / llama['gen_per_s']:.2f}x |")
     first = next(iter(best_llama.values()))
     print(f"\n(llama.cpp: flash_attn {first['flash_attn']} (-1 = auto), n_kv_max {first['n_kv_max']}, its default fp16 KV cache; "
           f"ours: fp32 weights and KV cache, torch {torch.__version__}, {torch.get_num_threads()} thread)")
@@ -318,9 +322,9 @@ def main() -> int:
     parser.add_argument("--sdist", default=None, help="a llama-cpp-python .tar.gz already downloaded (offline)")
     parser.add_argument("--new_tokens", type=int, default=32, help="greedy tokens compared")
     parser.add_argument("--skip_speed", action="store_true")
-    parser.add_argument("--prompt_len", type=int, default=32)
-    parser.add_argument("--speed_new_tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt_len", type=int, default=32, help="prompt tokens per sequence in the speed table")
+    parser.add_argument("--speed_new_tokens", type=int, default=128, help="new tokens per sequence in the speed table")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side, interleaved; the best counts")
     parser.add_argument("--quiet_wait", type=float, default=600, help="seconds to wait for a quiet machine before timing anyway")
     args = parser.parse_args()
     work = Path(args.work_dir)
