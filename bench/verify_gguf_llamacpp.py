@@ -7,7 +7,7 @@ llama.cpp-style forward pass written in torch); this script is the one-off proof
   0. builds llama.cpp from the copy vendored inside the `llama-cpp-python` source package (pip downloads
      it), for the CPU only: the tools llama-batched-bench, llama-tokenize and llama-completion, and
      bench/llamacpp_check.cpp against its library, with `nice -n 19` and at most 2 compile jobs. Cached
-     under --work_dir (default runs/llamacpp/): only the first run builds (~25 min on 2 busy cores);
+     under --work_dir (default runs/llamacpp/): only the first run builds (~15 min on 2 cores);
   1. exports the model to GGUF in float32, the weights our model computes with;
   2. tokenizer: llama.cpp's llama_tokenize gives our ids on varied text;
   3. greedy decoding: 32 new tokens after three chat prompts, ours (nano/model/generate.py) against
