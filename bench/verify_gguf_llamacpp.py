@@ -9,7 +9,8 @@ llama.cpp-style forward pass written in torch); this script is the one-off proof
      bench/llamacpp_check.cpp against its library, with `nice -n 19` and at most 2 compile jobs. Cached
      under --work_dir (default runs/llamacpp/): only the first run builds (~15 min on 2 cores);
   1. exports the model to GGUF in float32, the weights our model computes with;
-  2. tokenizer: llama.cpp's llama_tokenize gives our ids on varied text;
+  2. tokenizer: llama.cpp's llama_tokenize gives our ids on varied text, and so it does for small
+     tokenizers trained with each of lesson 1's pre-tokenizer patterns;
   3. greedy decoding: 32 new tokens after three chat prompts, ours (nano/model/generate.py) against
      llama.cpp's (token ids in and out, bench/llamacpp_check.cpp), and how far apart the logits are;
      then through llama.cpp's stock llama-completion, from text and in chat mode (the file's template);
@@ -39,12 +40,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from nano.checkpoints.export import export_gguf, model_and_tokenizer  # noqa: E402
+from nano.checkpoints import gguf  # noqa: E402
+from nano.checkpoints.export import export_gguf, model_and_tokenizer, tokenizer_json  # noqa: E402
 from nano.common.paths import runs_dir, tokenizer_dir  # noqa: E402
+from nano.model.gemma import GemmaNano, model_config  # noqa: E402
 from nano.model.generate import generate  # noqa: E402
 from nano.serve.engine import Engine  # noqa: E402
 from nano.serve.sequence import SamplingParams  # noqa: E402
 from nano.text.chat_format import render_prompt  # noqa: E402
+from nano.text.pretokenize import PATTERNS  # noqa: E402
+from nano.text.tokenizer import Tokenizer  # noqa: E402
 from verify_hf_export import EDGE_TEXTS, find_checkpoint, random_texts  # noqa: E402  (bench/verify_hf_export.py)
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp this was checked with
@@ -123,26 +128,26 @@ def build_llamacpp(src: Path, work: Path) -> dict[str, Path]:
 # 2-3. the same ids: tokenizer and greedy decoding
 
 
-def llamacpp_tokenize(check: Path, gguf: Path, texts: list[str]) -> list[list[int]]:
+def llamacpp_tokenize(check: Path, model_file: Path, texts: list[str]) -> list[list[int]]:
     with tempfile.NamedTemporaryFile("w", suffix=".hex", delete=False) as f:
         f.write("".join(t.encode("utf-8").hex() + "\n" for t in texts))
     try:
-        out = output([check, gguf, "tokenize", f.name]).stdout
+        out = output([check, model_file, "tokenize", f.name]).stdout
     finally:
         os.unlink(f.name)
     return [[int(x) for x in line.split()] for line in out.split("\n")[:len(texts)]]
 
 
-def llamacpp_greedy(check: Path, gguf: Path, prompt: list[int], new_tokens: int, vocab: int) -> tuple[list[int], torch.Tensor]:
+def llamacpp_greedy(check: Path, model_file: Path, prompt: list[int], new_tokens: int, vocab: int) -> tuple[list[int], torch.Tensor]:
     """llama.cpp's greedy ids after `prompt`, and its logits at each step (new_tokens, vocab)."""
     with tempfile.TemporaryDirectory() as tmp:
         logits_path = Path(tmp) / "logits.f32"
-        out = output([check, gguf, "greedy", new_tokens, logits_path, *prompt]).stdout
+        out = output([check, model_file, "greedy", new_tokens, logits_path, *prompt]).stdout
         logits = torch.frombuffer(bytearray(logits_path.read_bytes()), dtype=torch.float32).view(new_tokens, vocab)
     return [int(x) for x in out.split()], logits
 
 
-def check_tokenizer(paths, gguf, tokenizer) -> int:
+def check_tokenizer(paths, model_file, tokenizer) -> int:
     stories = (ROOT / "data/raw/stories_val.txt").read_text(encoding="utf-8").split("<|endoftext|>")
     math = [json.loads(line)["question"] + "\n" + json.loads(line)["answer"] for line in
             (ROOT / "data/raw/tinymath_test.jsonl").read_text(encoding="utf-8").splitlines()[:200]]
@@ -150,24 +155,39 @@ def check_tokenizer(paths, gguf, tokenizer) -> int:
               "validation stories (one by one)": stories, "the validation file (one text)": ["<|endoftext|>".join(stories)]}
     failures = 0
     for name, texts in groups.items():
-        theirs = llamacpp_tokenize(paths["check"], gguf, texts)
+        theirs = llamacpp_tokenize(paths["check"], model_file, texts)
         bad = [t for t, ids in zip(texts, theirs) if ids != tokenizer.encode(t)]
         tokens = sum(len(tokenizer.encode(t)) for t in texts)
         print(f"   {name:32s} {len(texts) - len(bad):5d}/{len(texts)} texts identical ({tokens:,} tokens)")
         for t in bad[:3]:
-            print(f"      differs: {t[:80]!r}\n        ours     {tokenizer.encode(t)[:20]}\n        llama.cpp {llamacpp_tokenize(paths['check'], gguf, [t])[0][:20]}")
+            print(f"      differs: {t[:80]!r}\n        ours     {tokenizer.encode(t)[:20]}\n        llama.cpp {llamacpp_tokenize(paths['check'], model_file, [t])[0][:20]}")
         failures += len(bad)
+    # the other pre-tokenizers of lesson 1 (gguf.py: LLAMACPP_PRE_TOKENIZERS): a small tokenizer trained
+    # with each pattern, in a file with a random model (llama.cpp reads only the vocabulary to tokenize)
+    train_text = (ROOT / "data/raw/stories_train.txt").read_text(encoding="utf-8")[:500_000] + "\n\n\n  \t 1234 it's DON'T"
+    texts = EDGE_TEXTS + groups["random strings"] + stories
+    for pattern in PATTERNS:
+        small = Tokenizer.train(train_text, vocab_size=800, pattern=pattern, progress=False, num_workers=1)
+        bpe = tokenizer_json(small)["model"]
+        strings = [text for text, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])]
+        cfg = model_config("tiny", vocab_size=small.vocab_size)
+        metadata = {**gguf.gemma2_metadata(cfg), **gguf.tokenizer_metadata(small, strings, bpe["merges"], cfg.vocab_size)}
+        path = gguf.write_gguf(model_file.parent / f"tokenizer_{pattern}.gguf", metadata, gguf.gemma2_tensors(GemmaNano(cfg).state_dict()))
+        same = sum(ids == small.encode(t) for t, ids in zip(texts, llamacpp_tokenize(paths["check"], path, texts)))
+        print(f"   a tokenizer trained with the {pattern!r} pattern, as {metadata['tokenizer.ggml.pre'].value!r}: "
+              f"{same}/{len(texts)} texts identical")
+        failures += len(texts) - same
     return failures
 
 
-def check_greedy(paths, gguf, model, tokenizer, new_tokens: int) -> int:
+def check_greedy(paths, model_file, model, tokenizer, new_tokens: int) -> int:
     failures = 0
     specials = set(tokenizer.special_tokens.values())
     eog = {tokenizer.special_tokens[t] for t in ("<end_of_turn>", "<eos>", "<|endoftext|>")}  # where llama.cpp stops
     for text in PROMPTS:
         prompt = render_prompt([{"role": "user", "content": text}], tokenizer)
         ours = generate(model, prompt, new_tokens)  # temperature 0, no stop tokens: exactly new_tokens
-        theirs, their_logits = llamacpp_greedy(paths["check"], gguf, prompt, new_tokens, model.cfg.vocab_size)
+        theirs, their_logits = llamacpp_greedy(paths["check"], model_file, prompt, new_tokens, model.cfg.vocab_size)
         # our logits along llama.cpp's path (prompt + its tokens, one pass), against its logits at each step
         with torch.no_grad():
             our_logits = model(torch.tensor([prompt + theirs[:-1]]))[0][0, len(prompt) - 1:]
@@ -189,7 +209,7 @@ def check_greedy(paths, gguf, model, tokenizer, new_tokens: int) -> int:
         reply = tokenizer.decode(ours[:next((i for i, t in enumerate(ours) if t in eog), len(ours))])
         for mode, flags in (("the rendered prompt", ["-no-cnv", "-p", tokenizer.decode(prompt).removeprefix("<bos>")]),
                             ("chat mode, the message alone", ["-cnv", "-st", "-p", text])):
-            done = output([paths["llama-completion"], "-m", gguf, *flags, "-n", new_tokens, "--temp", 0,
+            done = output([paths["llama-completion"], "-m", model_file, *flags, "-n", new_tokens, "--temp", 0,
                            "--no-display-prompt", "-t", 1, "--no-warmup"], check=False)
             written = done.stdout.removesuffix("\n\n").removesuffix(" [end of text]\n")
             same_text = done.returncode == 0 and written == reply
@@ -241,8 +261,8 @@ def wait_until_quiet(max_wait: float) -> bool:
         waited += 17
 
 
-def llamacpp_speed(paths, gguf, prompt_len, new_tokens, parallel) -> dict[int, dict]:
-    cmd = [paths["llama-batched-bench"], "-m", gguf, "-c", max(parallel) * 256, "-b", 2048, "-ub", 512,
+def llamacpp_speed(paths, model_file, prompt_len, new_tokens, parallel) -> dict[int, dict]:
+    cmd = [paths["llama-batched-bench"], "-m", model_file, "-c", max(parallel) * 256, "-b", 2048, "-ub", 512,
            "-npp", prompt_len, "-ntg", new_tokens, "-npl", ",".join(map(str, parallel)), "-t", 1, "-tb", 1,
            "--output-format", "jsonl"]
     out = output(cmd).stdout
@@ -270,7 +290,7 @@ def ours_speed(model, prompt_len, new_tokens, parallel) -> dict:
     return speeds
 
 
-def speed_table(paths, gguf, model, args) -> None:
+def speed_table(paths, model_file, model, args) -> None:
     parallel = [1, 16, 64]
     torch.set_num_threads(1)
     best_llama: dict[int, dict] = {}
@@ -278,7 +298,7 @@ def speed_table(paths, gguf, model, args) -> None:
     quiet = True
     for repeat in range(args.repeats):  # interleaved, so a busy neighbour slows both alike; best of each
         quiet &= wait_until_quiet(args.quiet_wait)
-        for pl, row in llamacpp_speed(paths, gguf, args.prompt_len, args.speed_new_tokens, parallel).items():
+        for pl, row in llamacpp_speed(paths, model_file, args.prompt_len, args.speed_new_tokens, parallel).items():
             row["gen_per_s"] = pl * args.speed_new_tokens / row["t"]  # new tokens per second of the whole run
             if pl not in best_llama or row["gen_per_s"] > best_llama[pl]["gen_per_s"]:
                 best_llama[pl] = row
@@ -337,17 +357,17 @@ def main() -> int:
 
     checkpoint = args.checkpoint or find_checkpoint()
     print(f"\n1. export {checkpoint} to GGUF (float32)")
-    gguf = export_gguf(checkpoint, work / "model.gguf", force=True)
+    model_file = export_gguf(checkpoint, work / "model.gguf", force=True)
     model, tokenizer = model_and_tokenizer(Path(checkpoint), None, False, tokenizer_dir() / "tokenizer.json")
-    print(f"   {gguf}: {gguf.stat().st_size:,} bytes")
+    print(f"   {model_file}: {model_file.stat().st_size:,} bytes")
 
     print("\n2. tokenizer: llama.cpp's llama_tokenize (special tokens parsed, no <bos> added) == our encode")
-    failures = check_tokenizer(paths, gguf, tokenizer)
+    failures = check_tokenizer(paths, model_file, tokenizer)
     print(f"\n3. greedy decoding, {args.new_tokens} new tokens after a chat prompt, end-of-turn ignored")
-    failures += check_greedy(paths, gguf, model, tokenizer, args.new_tokens)
+    failures += check_greedy(paths, model_file, model, tokenizer, args.new_tokens)
 
     if not args.skip_speed:
-        speed_table(paths, gguf, model, args)
+        speed_table(paths, model_file, model, args)
     print(f"\n{'all checks passed' if failures == 0 else f'{failures} check(s) FAILED'}")
     return 0 if failures == 0 else 1
 

@@ -358,12 +358,13 @@ LAYER_NAMES = {
 # built-in pre-tokenizers. Ours -> the one that cuts text into the same pieces (src/llama-vocab.cpp):
 #   gpt2 -> "gpt-2": GPT-2's regex, which llama.cpp splits with hand-written C++ (src/unicode.cpp) that
 #           also does the pattern's last alternative, \s+ (its regex list leaves that one out);
-#   gpt4 -> "dbrx": Llama-3's regex, which is GPT-4's. Not "llama-bpe": that one switches on
-#           ignore_merges (a word found whole in the vocabulary skips the merges), which can give other
-#           ids than merging, as we do;
+#   gpt4 -> "dbrx": Llama-3's regex, which is GPT-4's. Not "llama-bpe", the same regex with a shortcut
+#           (ignore_merges: a piece found whole in the vocabulary is taken as one token without merging),
+#           which gives our ids only where the merges would have made that token anyway;
 #   nano -> "qwen2": GPT-4's regex with one digit per piece, which is ours.
 # For gpt4 and nano one corner differs: our (?i:...) contractions also match "'ſ" (the long s folds to
-# s), llama.cpp's '[sS] does not. A regex of your own has no llama.cpp name: the export refuses it.
+# s), llama.cpp's '[sS] does not, so "he'ſt" is cut "'ſ" "t" here and "'ſt" there (the ids differ only
+# if a merge joins those bytes). A regex of your own has no llama.cpp name: the export refuses it.
 LLAMACPP_PRE_TOKENIZERS = {PATTERNS["gpt2"]: "gpt-2", PATTERNS["gpt4"]: "dbrx", PATTERNS["nano"]: "qwen2"}
 TOKEN_TYPES = {"normal": 1, "control": 3, "unused": 5}  # llama.cpp's llama_token_type
 
