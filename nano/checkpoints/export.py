@@ -547,7 +547,7 @@ def export_gguf(
         raise ValueError(f"refusing to replace {out}: it is one of this export's inputs")
 
     model, tokenizer = model_and_tokenizer(checkpoint_path, adapter_path, quantize, tokenizer_path)
-    gguf.check_llamacpp_can_run(model.cfg)  # before any work: a config llama.cpp would compute otherwise
+    gguf.check_llamacpp_can_run(model.cfg)  # before writing: a config llama.cpp would compute otherwise
     bpe = tokenizer_json(tokenizer)["model"]  # token strings (GPT-2's byte table) and "a b" merges, checked
     token_strings = [text for text, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])]
     metadata = {
