@@ -16,13 +16,18 @@ exporting is mostly writing things down in their format:
 A LoRA adapter is merged into the weights first, and a 4-bit (NF4) model is dequantized: the folder
 always holds one plain full-precision model (fp32 or bf16), which is what other tools expect.
 
+`--format gguf` writes the same model as one GGUF file for llama.cpp instead (nano/checkpoints/gguf.py:
+the format, and the names llama.cpp's Gemma-2 expects; `export_gguf` below).
+
     python -m nano.checkpoints.export                  # lesson 5's model -> runs/export/sft-full/
     python -m nano.checkpoints.export --checkpoint_path runs/pretrain/default/checkpoints/ckpt_best.pth \\
         --adapter_path runs/sft/peft/qlora/default/adapter.pth --quantize --out_dir runs/export/qlora
     model, tokenizer = load_hf("runs/export/sft-full")     # back into nano, no transformers needed
+    python -m nano.checkpoints.export --format gguf    # lesson 5's model -> runs/export/sft-full.gguf
 
 Lesson 13's doc shows how to load the folder in `transformers` and serve it with vLLM.
-Tests: tests/test_13_export.py; the check against the real libraries: bench/verify_hf_export.py.
+Tests: tests/test_13_export.py, tests/test_13_gguf.py; the checks against the real libraries:
+bench/verify_hf_export.py, bench/verify_gguf_llamacpp.py.
 """
 
 from __future__ import annotations
@@ -47,9 +52,12 @@ from nano.model.gemma import GemmaNano, ModelConfig
 from nano.model.lora import is_4bit, lora_layers, merge_lora
 from nano.checkpoints.loading import load_for_inference
 from nano.checkpoints.safetensors import load_file, read_header, save_file
+from nano.checkpoints import gguf
 
 HF_PREFIX = "model."  # Hugging Face nests the transformer under `model.`; the LM head (tied) has no tensor
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GGUF_DTYPES = {**EXPORT_DTYPES, "float16": torch.float16}  # llama.cpp computes with fp16 weights too
+FORMATS = ("hf", "gguf")
 HF_ACTIVATION = "gelu_pytorch_tanh"  # Hugging Face's name for GELU with the tanh approximation (our GeGLU's)
 WEIGHTS_FILE = "model.safetensors"
 FILES = ("config.json", "generation_config.json", WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json")
@@ -416,6 +424,22 @@ def _check_out_dir(out_dir: Path, force: bool, inputs: Sequence[Path]) -> None:
         raise ValueError(f"refusing to replace {out_dir}: it is a git repository")
 
 
+def model_and_tokenizer(checkpoint_path: Path, adapter_path: str | Path | None, quantize: bool,
+                        tokenizer_path: Path) -> tuple[GemmaNano, Tokenizer]:
+    """The model to export (full_precision_model) and the tokenizer it was trained with, checked."""
+    model, info = full_precision_model(checkpoint_path, adapter_path, quantize)
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {tokenizer_path} — run `make lesson-1` first (or pass --tokenizer_path)")
+    tokenizer = Tokenizer.load(tokenizer_path)
+    expected = info.get("tokenizer_fingerprint")
+    if expected is not None and tokenizer.fingerprint() != expected:
+        raise ValueError(f"{checkpoint_path} was trained with tokenizer {expected}, but {tokenizer_path} is "
+                         f"{tokenizer.fingerprint()}: pass the tokenizer it was trained with (--tokenizer_path)")
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size} rows of embedding")
+    return model, tokenizer
+
+
 def export(
     checkpoint_path: str | Path,
     out_dir: str | Path,
@@ -432,24 +456,16 @@ def export(
     hidden folder, removed by the next export; with --force the old NAME is replaced in one rename.
     """
     if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
+        hint = " (float16 is for --format gguf)" if dtype in GGUF_DTYPES else ""
+        raise ValueError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}{hint}")
     checkpoint_path, out_dir = Path(checkpoint_path), Path(out_dir)
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else tokenizer_dir() / "tokenizer.json"
     inputs = [checkpoint_path, tokenizer_path] + ([Path(adapter_path)] if adapter_path else [])
     _check_out_dir(out_dir, force, inputs)
 
     # 1. the model, merged and dequantized; the tokenizer it was trained with
-    model, info = full_precision_model(checkpoint_path, adapter_path, quantize)
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {tokenizer_path} — run `make lesson-1` first (or pass --tokenizer_path)")
-    tokenizer = Tokenizer.load(tokenizer_path)
-    expected = info.get("tokenizer_fingerprint")
-    if expected is not None and tokenizer.fingerprint() != expected:
-        raise ValueError(f"{checkpoint_path} was trained with tokenizer {expected}, but {tokenizer_path} is "
-                         f"{tokenizer.fingerprint()}: pass the tokenizer it was trained with (--tokenizer_path)")
+    model, tokenizer = model_and_tokenizer(checkpoint_path, adapter_path, quantize, tokenizer_path)
     cfg = model.cfg
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size} rows of embedding")
 
     # 2. every file into the hidden folder
     staging = out_dir.parent / f".{out_dir.name}.partial"
@@ -501,28 +517,93 @@ def load_hf(folder: str | Path, device: str = "cpu") -> tuple[GemmaNano, Tokeniz
 
 
 # -----------------------------------------------------------------------------------------------
+# 7. one GGUF file for llama.cpp
+
+
+def export_gguf(
+    checkpoint_path: str | Path,
+    out: str | Path,
+    adapter_path: str | Path | None = None,
+    quantize: bool = False,
+    dtype: str = "float32",
+    force: bool = False,
+    tokenizer_path: str | Path | None = None,
+) -> Path:
+    """Write the checkpoint (+ adapter, merged; NF4 dequantized) as one GGUF file; returns its path.
+
+    The same model as the Hugging Face folder, under llama.cpp's names (nano/checkpoints/gguf.py): the
+    config as gemma2.* keys, the weights as blk.N.* tensors with every norm weight + 1, our BPE as
+    tokenizer.ggml.*, the chat template. Written atomically: NAME.tmp, renamed to NAME at the end.
+    """
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(GGUF_DTYPES)}, got {dtype!r}")
+    checkpoint_path, out = Path(checkpoint_path), Path(out)
+    tokenizer_path = Path(tokenizer_path) if tokenizer_path else tokenizer_dir() / "tokenizer.json"
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder: a GGUF export is one file, name it (e.g. {out / 'model.gguf'})")
+    if out.exists() and not force:
+        raise ValueError(f"{out} exists: pick a new name, or pass --force to replace it")
+    if any(_inside(path, out) for path in [checkpoint_path, tokenizer_path] + ([Path(adapter_path)] if adapter_path else [])):
+        raise ValueError(f"refusing to replace {out}: it is one of this export's inputs")
+
+    model, tokenizer = model_and_tokenizer(checkpoint_path, adapter_path, quantize, tokenizer_path)
+    gguf.check_llamacpp_can_run(model.cfg)  # before writing: a config llama.cpp would compute otherwise
+    bpe = tokenizer_json(tokenizer)["model"]  # token strings (GPT-2's byte table) and "a b" merges, checked
+    token_strings = [text for text, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])]
+    metadata = {
+        **gguf.gemma2_metadata(model.cfg, dtype, name=out.stem),
+        **gguf.tokenizer_metadata(tokenizer, token_strings, bpe["merges"], model.cfg.vocab_size, CHAT_TEMPLATE),
+    }
+    tensors = gguf.gemma2_tensors(model.state_dict(), GGUF_DTYPES[dtype])
+    return gguf.write_gguf(out, metadata, tensors)
+
+
+# -----------------------------------------------------------------------------------------------
 # the command line
 
 
 @dataclass
 class ExportConfig:
     checkpoint_path: str = field(default="", metadata={"help": f"the nano checkpoint to export (default runs/{SFT_CHECKPOINT}: lesson 5's model)"})
-    out_dir: str = field(default="", metadata={"help": f"the folder to write; it must not exist or be empty, unless --force (default runs/{EXPORT_DIR}, for lesson 5's model)"})
+    format: str = field(default="hf", metadata={"help": "hf: a Hugging Face folder; gguf: one file for llama.cpp", "choices": list(FORMATS)})
+    out_dir: str = field(default="", metadata={"help": f"--format hf: the folder to write; it must not exist or be empty, unless --force (default runs/{EXPORT_DIR}, for lesson 5's model)"})
+    out: str = field(default="", metadata={"help": f"--format gguf: the file to write (default runs/{EXPORT_DIR}.gguf, for lesson 5's model)"})
     adapter_path: str = field(default="", metadata={"help": "a LoRA/QLoRA adapter to merge into the weights"})
     quantize: bool = field(default=False, metadata={"help": "load the base in NF4 first, as lesson 7 trained a QLoRA adapter on it (the export is dequantized)"})
-    dtype: str = field(default="float32", metadata={"help": "dtype of the stored weights", "choices": sorted(EXPORT_DTYPES)})
-    force: bool = field(default=False, metadata={"help": "replace --out_dir if it exists and is not empty"})
+    dtype: str = field(default="float32", metadata={"help": "dtype of the stored weights (float16: gguf only)", "choices": sorted(GGUF_DTYPES)})
+    force: bool = field(default=False, metadata={"help": "replace --out_dir / --out if it exists and is not empty"})
     tokenizer_path: str = field(default="", metadata={"help": "tokenizer.json of nano ('' = data/tokenizer/tokenizer.json)"})
 
     def __post_init__(self):
-        if self.checkpoint_path and not self.out_dir:  # the default folder is named after lesson 5's model
-            raise ValueError("--out_dir: say where to write the folder of --checkpoint_path")
+        # the default output is named after lesson 5's model: another checkpoint needs a name of its own
+        if self.format == "hf" and self.out:
+            raise ValueError("--out names a GGUF file: with --format hf, give --out_dir")
+        if self.format == "gguf" and self.out_dir:
+            raise ValueError("--out_dir names a folder: with --format gguf, give --out (a .gguf file)")
+        if self.checkpoint_path and not (self.out_dir or self.out):
+            flag = "--out" if self.format == "gguf" else "--out_dir"
+            raise ValueError(f"{flag}: say where to write the export of --checkpoint_path")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """python -m nano.checkpoints.export [--checkpoint_path CKPT --out_dir DIR] [--adapter_path ...] [--force]"""
+    """python -m nano.checkpoints.export [--checkpoint_path CKPT --out_dir DIR] [--adapter_path ...] [--force]
+    python -m nano.checkpoints.export --format gguf [--checkpoint_path CKPT --out FILE.gguf] [...]"""
     cfg = parse_config(ExportConfig, argv)
     checkpoint = input_path(cfg.checkpoint_path, SFT_CHECKPOINT)
+    if cfg.format == "gguf":
+        out = Path(cfg.out) if cfg.out else runs_dir() / f"{EXPORT_DIR}.gguf"
+        try:
+            out = export_gguf(checkpoint, out, cfg.adapter_path or None, cfg.quantize, cfg.dtype, cfg.force,
+                              cfg.tokenizer_path or None)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        info = gguf.read_gguf(out)
+        num_params = sum(torch.Size(t.shape).numel() for t in info.tensors.values())
+        print(f"exported {num_params:,} parameters ({cfg.dtype}; norms float32) to {out}: {out.stat().st_size:,} bytes, "
+              f"{len(info.tensors)} tensors, {len(info.metadata)} metadata keys")
+        print(f"run it with llama.cpp: llama-cli -m {out}   (lesson 13's doc, section 6)")
+        return 0
     out_dir = Path(cfg.out_dir) if cfg.out_dir else runs_dir() / EXPORT_DIR
     try:
         out = export(checkpoint, out_dir, cfg.adapter_path or None, cfg.quantize, cfg.dtype, cfg.force,
