@@ -88,6 +88,17 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int):
     return time.perf_counter() - start, [o["token_ids"] for o in outputs]
 
 
+def one_at_a_time(way):
+    """`way`, given one request at a time: what a server without batching does."""
+    def run(prompts):
+        seconds, outputs = 0.0, []
+        for prompt in prompts:
+            s, out = way([prompt])
+            seconds, outputs = seconds + s, outputs + out
+        return seconds, outputs
+    return run
+
+
 def run_generate(model, prompts: list[list[int]], new_tokens: int):
     """Ours, one request after another, through nano/model/generate.py (batch 1's baseline)."""
     start = time.perf_counter()
@@ -133,8 +144,9 @@ def run_hf_continuous(manager, prompts: list[list[int]], new_tokens: int):
 
 def agreement(reference: list[list[int]], other: list[list[int]]) -> str:
     """'64/64' when every request's tokens are equal; else also where the first ones part, e.g.
-    '62/64 (first difference at token 97, 121)': a late flip between two near-equal logits is
-    rounding, an early one would be a bug."""
+    '62/64 (first difference at token 97, 121)'. An early difference is a bug; a late one may be
+    rounding that flipped two near-equal logits, or a small difference in the computation: find out
+    which (without_attention_softcap) rather than call it noise."""
     firsts = []
     for a, b in zip(reference, other):
         if a != b:
@@ -176,6 +188,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--one_at_a_time", type=int, default=4, help="requests of the batch-1 rows, one after another")
     parser.add_argument("--max_batch_tokens", type=int, default=2048, help="prompt tokens per step, both engines")
     args = parser.parse_args()
     try:
@@ -208,21 +221,23 @@ def main() -> int:
           f"greedy, fp32, exactly {args.new_tokens} new tokens each")
 
     # 2. the engines, built once. Ours: no prefix caching, because the repeats send the same prompts
-    # again, and this measures batching, not caching. Theirs: block sharing off for the same reason;
-    # the end-of-sequence id -1 means "none", so every reply runs to max_new_tokens.
+    # again, and this measures batching, not caching; its default cache holds `most` full contexts.
     engine = Engine(ours, max_running=most, max_prefill_tokens=args.max_batch_tokens, prefix_caching=False)
+    # Theirs, set up alike: block sharing (its prefix cache) off; as many prompt tokens per step as
+    # ours; a cache of `most` full contexts in pages of 256 tokens (its default page). Left to guess,
+    # it sizes the cache from the machine's free memory and fills an attention mask of
+    # max_batch_tokens rows by the cache's whole capacity before the first step (a minute here; its
+    # steps ran no faster for it). The end-of-sequence id -1 means "none": every reply runs to
+    # max_new_tokens.
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)  # its notes about CPUs and flash kernels
-    # Theirs: as many prompt tokens per step as ours takes (max_batch_tokens = our max_prefill_tokens),
-    # and a cache of `most` full contexts, as ours holds. Left to guess, it sizes the cache from the
-    # machine's free memory and fills an attention mask of max_batch_tokens rows by the cache's
-    # whole capacity before the first step (a minute here; the steps themselves run the same).
+    page = 256
     manager = hf_paged.init_continuous_batching(
         generation_config=GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=pad_id,
                                            max_new_tokens=args.new_tokens),
         continuous_batching_config=ContinuousBatchingConfig(allow_block_sharing=False,
                                                             max_batch_tokens=args.max_batch_tokens,
-                                                            num_blocks=-(-most * ours.cfg.context_len // 256),
-                                                            page_size=256),
+                                                            num_blocks=-(-most * ours.cfg.context_len // page),
+                                                            page_size=page),
         workload_hints=WorkloadHints(max_prompt_length=lengths[-1], max_generated_length=args.new_tokens,
                                      num_requests=most))
     start = time.perf_counter()
@@ -237,21 +252,22 @@ def main() -> int:
         "transformers continuous batching": lambda ps: run_hf_continuous(manager, ps, args.new_tokens),
         "transformers generate (static batch)": lambda ps: run_hf_static(hf, ps, args.new_tokens, pad_id),
     }
-    one = {
-        "our Engine": ways["our Engine"],
-        "our generate": lambda ps: run_generate(ours, ps, args.new_tokens),
-        "transformers generate": ways["transformers generate (static batch)"],
-    }
+    # batch 1: each request alone, --one_at_a_time of them one after another (one 128-token reply
+    # takes ~0.2 s, too short a time to measure on a machine whose speed wanders)
+    one = {"our Engine": one_at_a_time(ways["our Engine"]),
+           "our generate": lambda ps: run_generate(ours, ps, args.new_tokens),
+           "transformers generate": one_at_a_time(ways["transformers generate (static batch)"])}
     # one short untimed round of everything first: allocators, caches and lazy imports warm up
     for way in list(ways.values()) + [one["our generate"]]:
         way(prompts[:4])
 
     # 3. the timed runs, interleaved: each repeat runs every way at every concurrency once
     cases = [(c, name) for c in args.concurrency for name in ways] + [(1, name) for name in one]
+    requests = {c: prompts[:c] for c in args.concurrency} | {1: prompts[:args.one_at_a_time]}
     seconds, outputs = {case: [] for case in cases}, {}
     for _ in range(args.repeats):
         for c, name in cases:
-            s, out = (ways if c > 1 else one)[name](prompts[:c])
+            s, out = (ways if c > 1 else one)[name](requests[c])
             if any(len(o) != args.new_tokens for o in out):
                 raise RuntimeError(f"{name} wrote {sorted(set(map(len, out)))} tokens, not {args.new_tokens}")
             seconds[(c, name)].append(s)
@@ -262,7 +278,7 @@ def main() -> int:
 
     def rate(case) -> float:
         """tokens per second of the best repeat (a busy neighbour only ever slows a run down)"""
-        return case[0] * args.new_tokens / min(seconds[case])
+        return len(requests[case[0]]) * args.new_tokens / min(seconds[case])
 
     # 4. the table: each row against our Engine at the same concurrency
     print(f"\n| requests at once | way | tokens/s (best of {args.repeats}) | our Engine / this | same tokens as our Engine |")
@@ -270,11 +286,12 @@ def main() -> int:
     for c, name in cases:
         ours_rate = rate((c, "our Engine"))
         same = agreement(outputs[(c, "our Engine")], outputs[(c, name)])
-        print(f"| {c} | {name} | {rate((c, name)):.0f} | {ours_rate / rate((c, name)):.2f}x | "
+        print(f"| {c if c > 1 else f'1 ({len(requests[1])} in turn)'} | {name} | {rate((c, name)):.0f} | {ours_rate / rate((c, name)):.2f}x | "
               f"{'(itself)' if name == 'our Engine' else same} |")
         if name != "our Engine":
-            record("bench_vs_transformers", f"our Engine / {name} (transformers {transformers.__version__}), tiny, "
-                   f"{c} request{'s' if c > 1 else ''}, 128 greedy tokens, 1 thread, tokens/s",
+            record("bench_vs_transformers", f"our Engine / {name} (transformers {transformers.__version__}), "
+                   f"{c} request{'s' if c > 1 else ''} at once, {args.new_tokens} greedy tokens, "
+                   f"{args.threads} thread(s), tokens/s",
                    f"{ours_rate / rate((c, name)):.2f}x ({ours_rate:.0f} vs {rate((c, name)):.0f}); same tokens {same}",
                    COMMAND)
     if why:
