@@ -289,7 +289,8 @@ def main() -> int:
         print(f"| {c if c > 1 else f'1 ({len(requests[1])} in turn)'} | {name} | {rate((c, name)):.0f} | {ours_rate / rate((c, name)):.2f}x | "
               f"{'(itself)' if name == 'our Engine' else same} |")
         if name != "our Engine":
-            record("bench_vs_transformers", f"our Engine / {name} (transformers {transformers.__version__}), "
+            version = f" {transformers.__version__}" if name.startswith("transformers") else ""
+            record("bench_vs_transformers", f"our Engine / {name.replace('transformers', 'transformers' + version)}, "
                    f"{c} request{'s' if c > 1 else ''} at once, {args.new_tokens} greedy tokens, "
                    f"{args.threads} thread(s), tokens/s",
                    f"{ours_rate / rate((c, name)):.2f}x ({ours_rate:.0f} vs {rate((c, name)):.0f}); same tokens {same}",
