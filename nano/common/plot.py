@@ -48,8 +48,15 @@ def _frame(title: str, xlabel: str, ylabel: str) -> list[str]:
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str = "", xlabel: str = "",
-               ylabel: str = "") -> str:
-    """An SVG line chart of named (x, y) series sharing one pair of axes."""
+               ylabel: str = "", log_x: bool = False) -> str:
+    """An SVG line chart of named (x, y) series sharing one pair of axes.
+
+    log_x: x on a logarithmic scale (for x > 0 that doubles from point to point, such as request
+    rates), ticked at the data's own x values.
+    """
+    if log_x:
+        ticks = sorted({x for pts in series.values() for x, _ in pts})
+        series = {name: [(math.log10(x), y) for x, y in pts] for name, pts in series.items()}
     points = [p for pts in series.values() for p in pts if math.isfinite(p[1])]
     if not points:
         points = [(0.0, 0.0), (1.0, 1.0)]
@@ -72,8 +79,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str = "", xl
     for t in _nice_ticks(y_min, y_max):  # horizontal grid lines with y labels
         out.append(f'<line x1="{MARGIN_LEFT}" x2="{MARGIN_LEFT + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#ddd"/>')
         out.append(f'<text x="{MARGIN_LEFT - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
-    for t in _nice_ticks(x_min, x_max):
-        out.append(f'<text x="{px(t):.1f}" y="{bottom + 16}" text-anchor="middle">{_fmt(t)}</text>')
+    x_ticks = [(math.log10(t), t) for t in ticks] if log_x else [(t, t) for t in _nice_ticks(x_min, x_max)]
+    for t, label in x_ticks:
+        out.append(f'<text x="{px(t):.1f}" y="{bottom + 16}" text-anchor="middle">{_fmt(label)}</text>')
     out.append(f'<polyline points="{MARGIN_LEFT},{MARGIN_TOP} {MARGIN_LEFT},{bottom} {MARGIN_LEFT + plot_w},{bottom}" fill="none" stroke="black"/>')
     for i, (name, pts) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]
