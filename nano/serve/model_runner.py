@@ -19,9 +19,9 @@ import importlib.util
 
 import torch
 
-from nano.model.decode_step import InferenceModel, decode_attention
-from nano.serve.kv_cache import (PagedKVCache, SequenceBlocks, block_table_tensor, gather_kv, long_tensor,
-                           paged_attention_reference)
+from nano.model.decode_step import InferenceModel, decode_attention, hidden_to_bias
+from nano.serve.kv_cache import (PagedKVCache, SequenceBlocks, block_table_tensor, gather_keys_values, long_tensor,
+                                paged_attention_reference)
 
 
 class ModelRunner:
@@ -45,7 +45,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         # on a GPU the decode group uses the Triton kernel (nano/serve/paged_attention.py); elsewhere the gather path
         self.use_triton = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
-        self.aranges: dict[int, torch.Tensor] = {}
+        self.bias_tables: dict[int, torch.Tensor] = {}  # window -> (L, L) key biases (`_bias_table`)
 
     def forward(self, spans: list[tuple[SequenceBlocks, list[int], int]]) -> torch.Tensor:
         """Run the model over the tokens of `spans` and return next-token logits (S, vocab), fp32.
@@ -94,10 +94,9 @@ class ModelRunner:
                                                decode["key_lens"], w["scale"], softcap, w["window"])
                     parts.append(o.reshape(-1, heads * head_dim))
                 else:
-                    tables, hidden = decode["views"][w["window"]]
-                    keys = gather_kv(key_pool, tables)  # (S, Hkv, L, D)
-                    values = gather_kv(value_pool, tables)
-                    parts.append(decode_attention(q_decode, keys, values, w["scale"], softcap, hidden))
+                    tables, key_bias = decode["views"][w["window"]]
+                    keys, values = gather_keys_values(cache.pools[layer], tables)  # (S, Hkv, L, D) each
+                    parts.append(decode_attention(q_decode, keys, values, w["scale"], softcap, key_bias))
             return parts[0] if len(parts) == 1 else torch.cat(parts)  # (N, Hq*D)
 
         hidden = self.fast.forward(ids_t, positions_t, attend)  # (N, d)
@@ -143,19 +142,28 @@ class ModelRunner:
                 first = [max(0, p - window + 1) // block_size for p in positions]
             # exactly `width` blocks each (block 0 pads a short table; its keys are past the end: hidden)
             window_tables = [t[f:f + width] + [0] * (width - len(t[f:f + width])) for t, f in zip(tables, first)]
-            # offset: the query's index among the gathered keys; visible keys are offset - window < j <= offset
-            offset = long_tensor([p - f * block_size for p, f in zip(positions, first)], device)[:, None]
-            j = self._arange(width * block_size)  # (L,)
-            hidden = j > offset  # (S, L): past the end
-            if window > 0:
-                hidden |= j <= offset - window  # before the window
-            views[window] = (block_table_tensor(window_tables, device), hidden)
+            # offset: the query's index among the gathered keys; visible keys are offset - window < j <= offset,
+            # and the bias row of each offset is ready-made (`_bias_table`): one gather, not a mask built anew
+            offset = long_tensor([p - f * block_size for p, f in zip(positions, first)], device)
+            key_bias = self._bias_table(window).narrow(1, 0, width * block_size).index_select(0, offset)  # (S, L)
+            views[window] = (block_table_tensor(window_tables, device), key_bias)
         if not self.use_triton:  # the gather path needs only the views
             return {"views": views}
         return {"block_tables": block_table_tensor(tables, device), "key_lens": positions_t + 1, "views": views}
 
-    def _arange(self, n: int) -> torch.Tensor:
-        """torch.arange(n) on the device, made once per length."""
-        if n not in self.aranges:
-            self.aranges[n] = torch.arange(n, device=self.device)
-        return self.aranges[n]
+    def _bias_table(self, window: int) -> torch.Tensor:
+        """Row o: decode_attention's key bias for a query at gathered index o, made once per window.
+
+        -inf where key j is past the query (j > o) or, on a window layer, before its window
+        (j <= o - window); 0 elsewhere. Its size covers every gathered length: the context rounded up
+        to whole blocks, or a window layer's `width` blocks.
+        """
+        if window not in self.bias_tables:
+            block_size = self.cache.block_size
+            blocks = (window - 1) // block_size + 2 if window > 0 else -(-self.cfg.context_len // block_size)
+            j = torch.arange(blocks * block_size, device=self.device)
+            hidden = j[None, :] > j[:, None]  # (L, L): [o, j]
+            if window > 0:
+                hidden |= j[None, :] <= j[:, None] - window
+            self.bias_tables[window] = hidden_to_bias(hidden)
+        return self.bias_tables[window]
