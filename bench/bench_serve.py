@@ -140,10 +140,10 @@ def step_breakdown(engine: Engine, prompts, new_tokens: int) -> None:
     # streaming each token), at 1 request and at len(prompts)
     runner_forward, spent = engine.runner.forward, [0.0]
 
-    def timed_forward(spans):
+    def timed_forward(spans, **kwargs):
         start = time.perf_counter()
         try:
-            return runner_forward(spans)
+            return runner_forward(spans, **kwargs)
         finally:
             spent[0] += time.perf_counter() - start
 

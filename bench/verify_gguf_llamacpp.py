@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from nano.checkpoints import gguf  # noqa: E402
 from nano.checkpoints.export import export_gguf, model_and_tokenizer, tokenizer_json  # noqa: E402
-from nano.common.paths import runs_dir, tokenizer_dir  # noqa: E402
+from nano.common.paths import raw_dir, runs_dir, tokenizer_dir  # noqa: E402
 from nano.model.gemma import GemmaNano, model_config  # noqa: E402
 from nano.model.generate import generate  # noqa: E402
 from nano.serve.engine import Engine  # noqa: E402
@@ -148,9 +148,9 @@ def llamacpp_greedy(check: Path, model_file: Path, prompt: list[int], new_tokens
 
 
 def check_tokenizer(paths, model_file, tokenizer) -> int:
-    stories = (ROOT / "data/raw/stories_val.txt").read_text(encoding="utf-8").split("<|endoftext|>")
+    stories = (raw_dir() / "stories_val.txt").read_text(encoding="utf-8").split("<|endoftext|>")
     math = [json.loads(line)["question"] + "\n" + json.loads(line)["answer"] for line in
-            (ROOT / "data/raw/tinymath_test.jsonl").read_text(encoding="utf-8").splitlines()[:200]]
+            (raw_dir() / "tinymath_test.jsonl").read_text(encoding="utf-8").splitlines()[:200]]
     groups = {"edge cases": EDGE_TEXTS, "random strings": random_texts(2000), "TinyMath problems": math,
               "validation stories (one by one)": stories, "the validation file (one text)": ["<|endoftext|>".join(stories)]}
     failures = 0
@@ -164,7 +164,7 @@ def check_tokenizer(paths, model_file, tokenizer) -> int:
         failures += len(bad)
     # the other pre-tokenizers of lesson 1 (gguf.py: LLAMACPP_PRE_TOKENIZERS): a small tokenizer trained
     # with each pattern, in a file with a random model (llama.cpp reads only the vocabulary to tokenize)
-    train_text = (ROOT / "data/raw/stories_train.txt").read_text(encoding="utf-8")[:500_000] + "\n\n\n  \t 1234 it's DON'T"
+    train_text = (raw_dir() / "stories_train.txt").read_text(encoding="utf-8")[:500_000] + "\n\n\n  \t 1234 it's DON'T"
     texts = EDGE_TEXTS + groups["random strings"] + stories
     for pattern in PATTERNS:
         small = Tokenizer.train(train_text, vocab_size=800, pattern=pattern, progress=False, num_workers=1)

@@ -29,6 +29,7 @@ from adapters import impl
 from toy_models import small_gemma
 
 generate_mod = impl("generate")
+from nano.model.attention import soft_cap  # noqa: E402
 
 VOCAB = 64
 
@@ -304,3 +305,14 @@ def test_training_after_generation_still_works():
     logits = fresh.lm_head(fresh.forward_hidden(ids))  # soft-capped logits, as RL scores its answers
     torch.log_softmax(logits, dim=-1)[0, :-1].gather(-1, ids[0, 1:, None]).mean().backward()
     assert all(p.grad is not None for p in fresh.parameters() if p.requires_grad)
+
+
+def test_greedy_capped_is_argmax_of_the_capped_logits_ties_included():
+    cap = 30.0
+    raw = torch.randn(64, 500) * 8
+    raw[1, :2] = torch.tensor([1000.0, 1001.0])  # both cap to exactly 30.0: the FIRST wins, not the larger
+    raw[2, 10:20] = 2000.0  # a tie of ten, past the k = 4 looked at first: that row is capped in full
+    expected = soft_cap(raw, cap).argmax(dim=-1)
+    got = generate_mod.greedy_capped(raw, cap)
+    assert torch.equal(got, expected)
+    assert got[1] == 0 and got[2] == 10 and raw[1].argmax() == 1  # the raw argmax would differ

@@ -1,7 +1,8 @@
 """
-The chat page in a real browser: headless Chromium loads it from a running server, the page sends
-a message by itself (/?demo=...), streams the reply, and the DOM it ends with must hold that reply
-— the same text the engine writes for the same conversation, greedy.
+The chat page in a real browser, driven over Chrome's DevTools protocol (tests/browser_cdp.py):
+headless Chromium loads it from a running server, the page sends a message by itself (/?demo=...),
+streams the reply, and the DOM it ends with must hold that reply — the same text the engine writes
+for the same conversation, greedy. Then a person's session: the API key typed, Enter, Stop.
 
 Skips, saying why, where Chromium is not installed (`apt-get install chromium` on Debian/Ubuntu):
 `make test` needs nothing beyond the Makefile's set-up. The toy model's text is nonsense; what is
@@ -45,19 +46,13 @@ def test_page_streams_a_reply_in_headless_chromium():
         expected = engine.generate([render_prompt([{"role": "user", "content": message}], tokenizer)],
                                    SamplingParams(max_tokens=30, stop_token_ids=tuple(stop_token_ids(tokenizer))))
         query = urllib.parse.urlencode({"demo": message, "temperature": 0, "max_tokens": 30})
-        with server_mod.ServerThread(server_mod.create_app({"toy": served})) as server:
-            # --dump-dom writes the DOM when Chromium's virtual-time budget runs out, and that clock
-            # does not always wait for a stream still arriving in real time: now and then (seen in
-            # about a third of the runs here, with the code of before and after alike) the DOM is
-            # dumped after the first chunk. A page that finished its reply shows "finish:" under
-            # it, so a dump without it is taken again, up to three times; the checks below are on
-            # the last one.
-            for _ in range(3):
-                console: list[str] = []  # the page logs nothing itself: any line is an error it raised
-                dom = serve.run_chromium(f"{server.url}/?{query}", dump_dom=True, budget_ms=5000, console=console)
-                bubbles = re.findall(BUBBLE, dom, re.S)
-                if any(role == "assistant" and "finish:" in meta for role, _, meta in bubbles):
-                    break
+        with server_mod.ServerThread(server_mod.create_app({"toy": served})) as server, \
+                browser_cdp.Browser(serve.find_chromium()) as browser:
+            page = browser.open(f"{server.url}/?{query}")
+            page.wait_for("document.body.dataset.replies === '1'")  # the page counts the replies it finished
+            dom = page.evaluate("document.documentElement.outerHTML")
+            console = page.console  # the page logs nothing itself: any line is an error it raised
+            bubbles = re.findall(BUBBLE, dom, re.S)
     finally:
         engine.shutdown()
     assert [role for role, _, _ in bubbles] == ["user", "assistant"], dom[-3000:]
@@ -87,9 +82,9 @@ def test_a_person_types_a_key_chats_watches_the_blocks_and_stops_a_reply():
     assert len(long_reply["token_ids"]) == 90, "the second message was chosen for a reply that runs to its limit"
     forward = engine.runner.forward
 
-    def slow_forward(spans):  # 0.15 s a token: a person (and this test) sees the reply grow, and has time to stop it
+    def slow_forward(spans, **kwargs):  # 0.15 s a token: a person (and this test) sees the reply grow, and has time to stop it
         time.sleep(0.15)
-        return forward(spans)
+        return forward(spans, **kwargs)
 
     engine.runner.forward = slow_forward
     engine.start()
@@ -112,13 +107,14 @@ def test_a_person_types_a_key_chats_watches_the_blocks_and_stops_a_reply():
             reply = page.evaluate("document.querySelector('.msg.assistant').firstChild.textContent")
             assert reply == expected["text"]
             # 3. a long reply: the panel colours its blocks while it runs; Stop cancels it on the server
+            page.wait_for(f"{COLOURED_BLOCKS} === 0")  # the panel has caught up: the first reply's blocks are free
             page.click("#new-chat")
             before = engine.total_generated
             page.evaluate("document.getElementById('max_tokens').value = '90'")
             page.type(long)
             page.key("Enter")
-            assert page.wait_for(COLOURED_BLOCKS) >= 1  # a sequence's blocks, in its colour
-            assert engine.stats()["running"] == 1
+            assert page.wait_for(COLOURED_BLOCKS) >= 1  # this sequence's blocks, in its colour
+            assert engine.stats()["running"] == 1  # (the panel draws what /stats said: it is running)
             page.click("#stop")
             page.wait_for("document.body.dataset.replies === '2'")
             assert "finish: stopped" in page.evaluate("document.querySelector('.msg.assistant .meta').textContent")

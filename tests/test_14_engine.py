@@ -274,3 +274,30 @@ def test_fast_decode_step_is_bit_for_bit_the_plain_forward(model):
             plain = (hidden[:, -1] @ model.embed_tokens.weight.T).float()
             plain = model.cfg.final_softcap * torch.tanh(plain / model.cfg.final_softcap)
             assert torch.equal(logits[:, -1], plain)
+
+
+def test_a_cancel_while_the_model_runs_is_skipped_and_frees_everything(model):
+    # the engine lets go of its lock while the model runs (other threads may submit, cancel, read
+    # /stats); here the cancel comes from inside that window, as another thread's would
+    prompts = random_prompts(4, seed=21)
+    alone = [generate_mod.generate(model, p, max_new_tokens=12) for p in prompts]
+    engine = engine_mod.Engine(model, block_size=4)
+    ids = [engine.submit(p, SamplingParams(max_tokens=12)) for p in prompts]
+    forward = engine.runner.forward
+    calls = []
+
+    def forward_then_cancel(spans, **kwargs):
+        logits = forward(spans, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            engine.cancel(ids[1])  # its blocks go back while this step's results are still to come
+        return logits
+
+    engine.runner.forward = forward_then_cancel
+    while engine.scheduler.has_work():
+        engine.step()
+    requests = [engine.release(i) for i in ids]
+    cancelled = requests[1].sequences[0]
+    assert cancelled.finish_reason == "cancelled" and cancelled.num_output == 2  # nothing added after the cancel
+    assert [r.sequences[0].output_ids for i, r in enumerate(requests) if i != 1] == alone[:1] + alone[2:]
+    assert pool_is_pristine(engine)

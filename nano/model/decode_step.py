@@ -173,9 +173,10 @@ class InferenceModel:
             x = x + rms_norm(w["down"](F.gelu(gate, approximate="tanh") * up)[0], w["gain_post_ff"], self.eps)
         return rms_norm(x, self.final_gain, self.eps)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> soft-capped next-token logits (N, vocab) in fp32: the model's own tied LM head."""
-        return self.model.lm_head(hidden)
+    def logits(self, hidden: torch.Tensor, soft_capped: bool = True) -> torch.Tensor:
+        """(N, d) -> soft-capped next-token logits (N, vocab) in fp32: the model's own tied LM head
+        (soft_capped=False: the raw scores, for a caller that caps only what it needs)."""
+        return self.model.lm_head(hidden, soft_capped)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, softcap: float,

@@ -52,8 +52,9 @@ from typing import Iterator, Sequence
 import torch
 
 from nano.model.gemma import kv_cache_bytes_per_token
-from nano.model.generate import StreamDecoder, sample_next, stop_reason
-from nano.serve.kv_cache import PagedKVCache
+from nano.model.attention import soft_cap
+from nano.model.generate import StreamDecoder, greedy_capped, sample_next, stop_reason
+from nano.serve.kv_cache import PagedKVCache, SequenceBlocks
 from nano.serve.model_runner import ModelRunner
 from nano.serve.scheduler import Scheduler
 from nano.serve.sequence import Request, SamplingParams, SequenceState
@@ -111,6 +112,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.lock = threading.RLock()
         self.work = threading.Condition(self.lock)  # notified when work arrives (the loop sleeps without)
+        self.stepping = threading.Lock()  # one step at a time (the loop's, or a caller's of step/generate)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -247,7 +249,7 @@ class Engine:
                     self.work.wait()
                 if self._stopping:
                     return
-                self.step()
+            self.step()  # (it takes the lock itself, and lets go of it while the model runs)
 
     # ---- synchronous use -----------------------------------------------------------------------------
 
@@ -272,31 +274,54 @@ class Engine:
 
     @torch.inference_mode()  # torch.no_grad, minus the bookkeeping gradients would need: ~15% faster per step
     def step(self) -> int:
-        """Schedule (admit, make room, preempting if needed), run the model once, sample; returns tokens made."""
+        """Schedule (admit, make room, preempting if needed), run the model once, sample; returns tokens made.
+
+        The lock is held while the queues change, not while the model runs: during the forward pass
+        other threads can submit, cancel and read /stats (a step of a big model takes long, and a lock
+        taken back at once by this thread, step after step, would starve them). A sequence cancelled
+        meanwhile is skipped afterwards; its blocks were given back, and only this thread hands blocks
+        out, so the K/V written into them harm no one.
+        """
+        with self.stepping:
+            return self._step()
+
+    def _step(self) -> int:
         with self.lock:
             prefill, decode = self.scheduler.schedule()
             if not prefill and not decode:
                 return 0
-            # prompts feed their next piece (all that is not cached, unless chunked); the running their last token
-            spans = [(s.blocks, s.tokens[s.num_computed:s.num_computed + s.num_scheduled], s.num_computed)
-                     for s in prefill]
-            spans += [(s.blocks, s.tokens[-1:], len(s.tokens) - 1) for s in decode]
-            logits = self.runner.forward(spans)  # (S, V)
+            # prompts feed their next piece (all that is not cached, unless chunked); the running their last token.
+            # The block tables are copied: a cancel during the forward pass empties the sequence's own.
+            spans = [(SequenceBlocks(list(s.blocks.block_table)), s.tokens[s.num_computed:s.num_computed + s.num_scheduled],
+                      s.num_computed) for s in prefill]
+            spans += [(SequenceBlocks(list(s.blocks.block_table)), s.tokens[-1:], len(s.tokens) - 1) for s in decode]
+        logits = self.runner.forward(spans, soft_capped=False)  # (S, V), raw: capped in _sample_and_update
+        with self.lock:
             for seq in prefill:  # a piece that leaves some of its prompt for later steps samples nothing
-                if not seq.last_chunk:
+                if not seq.last_chunk and seq.finish_reason is None:
                     seq.num_computed += seq.num_scheduled
                     self.cache.commit(seq.blocks, seq.tokens[:seq.num_computed])  # its full blocks can be hits
             sampled = [(row, s) for row, s in enumerate(prefill) if s.last_chunk] + list(enumerate(decode, len(prefill)))
-            made = self._sample_and_update(sampled, logits)
+            made = self._sample_and_update([(row, s) for row, s in sampled if s.finish_reason is None], logits)
             self.scheduler.join_running(prefill)
             self._record(made)
             return made
 
     def _sample_and_update(self, rows: list[tuple[int, SequenceState]], logits: torch.Tensor) -> int:
-        """One new token for each (row of logits, sequence); returns how many were made."""
+        """One new token for each (row of raw logits, sequence); returns how many were made.
+
+        The model's logits are soft-capped (30 tanh(x / 30)). With 8 or more rows all greedy, the cap
+        is applied to each row's few largest logits only (`greedy_capped`: the same tokens, a
+        fraction of the time); otherwise every logit is capped once, and the greedy rows take the
+        argmax of that (max(...).indices: the first of equal maxima, faster than argmax on a CPU).
+        """
         made = 0
-        # one call for every greedy row; max(...).indices is argmax (the first of equal maxima), faster on a CPU
-        greedy = logits.max(dim=-1).indices.tolist()
+        cap = self.cfg.final_softcap
+        if len(rows) >= 8 and all(s.request.params.temperature <= 0 for _, s in rows):
+            greedy = greedy_capped(logits, cap).tolist()
+        else:
+            logits = soft_cap(logits, cap)
+            greedy = logits.max(dim=-1).indices.tolist()
         now = time.perf_counter()
         for row, seq in rows:
             seq.num_computed = len(seq.tokens)

@@ -47,8 +47,9 @@ class ModelRunner:
         self.use_triton = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         self.bias_tables: dict[int, torch.Tensor] = {}  # window -> (L, L) key biases (`_bias_table`)
 
-    def forward(self, spans: list[tuple[SequenceBlocks, list[int], int]]) -> torch.Tensor:
-        """Run the model over the tokens of `spans` and return next-token logits (S, vocab), fp32.
+    def forward(self, spans: list[tuple[SequenceBlocks, list[int], int]], soft_capped: bool = True) -> torch.Tensor:
+        """Run the model over the tokens of `spans` and return next-token logits (S, vocab), fp32
+        (soft_capped=False: before the final soft-cap; the engine caps only what it samples from).
 
         spans: (blocks, tokens to feed, position of the first one) per sequence, decode spans (one
         token) last. Each span's K/V go into its blocks; its logits are those of its last token.
@@ -103,7 +104,7 @@ class ModelRunner:
         # the LM head only for the last token of each sequence (the only logits we sample from)
         if len(last_rows) < len(ids):  # (when every span is one token, every row is a last row)
             hidden = hidden[torch.tensor(last_rows, **as_long)]
-        return self.fast.logits(hidden)  # (S, V)
+        return self.fast.logits(hidden, soft_capped)  # (S, V)
 
     def _prefill_group(self, spans, last_rows, positions_t) -> dict:
         """Index tensors that pad the prompts' tokens into (S, Tq) and back."""
