@@ -22,7 +22,7 @@ import regex
 import torch
 
 from adapters import impl
-from toy_models import BASE, CORPUS, LORA, QLORA, SFT, save_toy_runs, toy_model
+from toy_models import BASE, CORPUS, EDGE_TEXTS, LORA, QLORA, SFT, save_toy_runs, toy_model
 
 export_mod = impl("export")
 chat_format = impl("chat_format")
@@ -41,14 +41,7 @@ CONFIG_KEYS = {
     "rope_theta", "sliding_window", "tie_word_embeddings", "vocab_size", "torch_dtype",
 }
 
-TEXTS = [
-    "Once upon a time there was a little cat. The cat's ball was red!",
-    "Tom has 3 apples and gets 14 more. 3 + 14 = 17\n#### 17",
-    "naïve café 中文 😀 — ünïcödé and digits ٣٤ ½",
-    "  spaces   and\n\n\nnewlines\t\ttabs  \n",
-    "<bos>story<eos><|endoftext|><start_of_turn>user\nHi<end_of_turn>\n<eos><eos",
-    "",
-]
+TEXTS = EDGE_TEXTS
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How are you?"}],

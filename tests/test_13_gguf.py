@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters import impl
-from toy_models import BASE, CORPUS, LORA, SFT, save_toy_runs, small_gemma
+from toy_models import BASE, CORPUS, EDGE_TEXTS, LORA, SFT, save_toy_runs, small_gemma
 
 gguf_mod = impl("gguf")
 export_mod = impl("export")
@@ -42,15 +42,7 @@ def Value(*args, **kwargs):
     return gguf_mod.Value(*args, **kwargs)
 
 
-TEXTS = [
-    "Once upon a time there was a little cat. The cat's ball was red!",
-    "Tom has 3 apples and gets 14 more. 3 + 14 = 17\n#### 17",
-    "naïve café 中文 😀 — ünïcödé and digits ٣٤ ½",
-    "  spaces   and\n\n\nnewlines\t\ttabs  \n",
-    "<bos>story<eos><|endoftext|><start_of_turn>user\nHi<end_of_turn>\n<eos><eos",
-    "they'll we've I'd it's DON'T",
-    "",
-]
+TEXTS = EDGE_TEXTS
 
 
 @pytest.fixture(scope="module")

@@ -134,3 +134,16 @@ def save_lora(base, path: str, quantize: bool = False, seed: int = 2) -> torch.n
             torch.nn.init.normal_(p, std=0.3)
     save_adapter(adapted, runs_dir() / path, identity)
     return adapted.eval()
+
+
+# text that exercises a tokenizer's corners (contractions, digits, unicode, whitespace runs, special
+# tokens glued to text): what an export must tokenize exactly as we do (tests/test_13_export.py, _gguf.py)
+EDGE_TEXTS = [
+    "Once upon a time there was a little cat. The cat's ball was red!",
+    "Tom has 3 apples and gets 14 more. 3 + 14 = 17\n#### 17",
+    "naïve café 中文 😀 — ünïcödé and digits ٣٤ ½",
+    "  spaces   and\n\n\nnewlines\t\ttabs  \n",
+    "<bos>story<eos><|endoftext|><start_of_turn>user\nHi<end_of_turn>\n<eos><eos",
+    "they'll we've I'd it's DON'T",
+    "",
+]
