@@ -89,8 +89,8 @@ class Engine:
     step can stall the running sequences; a longer prompt goes whole (alone) or, with chunked_prefill,
     in pieces over several steps (nano/serve/scheduler.py). The defaults, pieces of 128, are measured
     (bench/bench_traffic.py, `tiny`, 60 sequences decoding while 216-token prompts arrive): the p99
-    gap between two tokens of a running sequence 2.6x shorter than with whole prompts, for a later
-    first token of the long prompts (lessons/14_serve.md, section 9).
+    gap between two tokens of a running sequence about half that with whole prompts (1.9x and 2.6x
+    shorter in two runs), for a later first token of the long prompts (lessons/14_serve.md, section 9).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, num_blocks: int | None = None, block_size: int = 16,

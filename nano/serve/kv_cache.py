@@ -24,8 +24,9 @@ from the first to the block's end, not just the block's own tokens: a block's ke
 token before it (attention mixed them in), and two different prefixes could share a hash. Python's
 hash is fast but not collision-resistant (someone could craft a prompt whose hash equals another
 user's); keeping a copy of each cached prefix costs memory (8 bytes a token per cached block) and
-makes a wrong hit impossible. vLLM makes the other trade: a cryptographic hash (SHA-256), no copy. A freed block keeps its contents and hash while it waits in the free
-list, so a later request can still hit it; it is forgotten only when the block is handed out again.
+makes a wrong hit impossible. vLLM makes the other trade: a cryptographic hash (SHA-256), no copy.
+A freed block keeps its contents and hash while it waits in the free list, so a later request can
+still hit it; it is forgotten only when the block is handed out again.
 
 Attention reads the cache through the block table (`paged_attention_reference`, a torch gather;
 nano/serve/paged_attention.py is the same thing as one Triton kernel for the GPU).
