@@ -408,6 +408,15 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _export_inputs(checkpoint_path: str | Path, adapter_path: str | Path | None,
+                   tokenizer_path: str | Path | None) -> tuple[Path, Path, list[Path]]:
+    """The checkpoint and the tokenizer (by default lesson 1's) as paths, and every file the export
+    reads: what its output must never replace."""
+    checkpoint_path = Path(checkpoint_path)
+    tokenizer_path = Path(tokenizer_path) if tokenizer_path else tokenizer_dir() / "tokenizer.json"
+    return checkpoint_path, tokenizer_path, [checkpoint_path, tokenizer_path] + ([Path(adapter_path)] if adapter_path else [])
+
+
 def _check_out_dir(out_dir: Path, force: bool, inputs: Sequence[Path]) -> None:
     """Refuse to overwrite anything by accident: a non-empty folder needs --force, and even then not
     a folder that holds the export's own inputs or a git repository."""
@@ -458,9 +467,8 @@ def export(
     if dtype not in EXPORT_DTYPES:
         hint = " (float16 is for --format gguf)" if dtype in GGUF_DTYPES else ""
         raise ValueError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}{hint}")
-    checkpoint_path, out_dir = Path(checkpoint_path), Path(out_dir)
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path else tokenizer_dir() / "tokenizer.json"
-    inputs = [checkpoint_path, tokenizer_path] + ([Path(adapter_path)] if adapter_path else [])
+    out_dir = Path(out_dir)
+    checkpoint_path, tokenizer_path, inputs = _export_inputs(checkpoint_path, adapter_path, tokenizer_path)
     _check_out_dir(out_dir, force, inputs)
 
     # 1. the model, merged and dequantized; the tokenizer it was trained with
@@ -537,13 +545,13 @@ def export_gguf(
     """
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(GGUF_DTYPES)}, got {dtype!r}")
-    checkpoint_path, out = Path(checkpoint_path), Path(out)
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path else tokenizer_dir() / "tokenizer.json"
+    out = Path(out)
+    checkpoint_path, tokenizer_path, inputs = _export_inputs(checkpoint_path, adapter_path, tokenizer_path)
     if out.is_dir():
         raise ValueError(f"{out} is a folder: a GGUF export is one file, name it (e.g. {out / 'model.gguf'})")
     if out.exists() and not force:
         raise ValueError(f"{out} exists: pick a new name, or pass --force to replace it")
-    if any(_inside(path, out) for path in [checkpoint_path, tokenizer_path] + ([Path(adapter_path)] if adapter_path else [])):
+    if any(_inside(path, out) for path in inputs):
         raise ValueError(f"refusing to replace {out}: it is one of this export's inputs")
 
     model, tokenizer = model_and_tokenizer(checkpoint_path, adapter_path, quantize, tokenizer_path)

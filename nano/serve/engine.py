@@ -301,8 +301,10 @@ class Engine:
                 if not seq.last_chunk and seq.finish_reason is None:
                     seq.num_computed += seq.num_scheduled
                     self.cache.commit(seq.blocks, seq.tokens[:seq.num_computed])  # its full blocks can be hits
-            sampled = [(row, s) for row, s in enumerate(prefill) if s.last_chunk] + list(enumerate(decode, len(prefill)))
-            made = self._sample_and_update([(row, s) for row, s in sampled if s.finish_reason is None], logits)
+            # a token for every decode row and every prompt fed its last piece, unless cancelled meanwhile
+            sampled = [(row, s) for row, s in enumerate(prefill + decode)
+                       if s.finish_reason is None and (row >= len(prefill) or s.last_chunk)]
+            made = self._sample_and_update(sampled, logits)
             self.scheduler.join_running(prefill)
             self._record(made)
             return made

@@ -41,7 +41,6 @@ Tests: `.venv/bin/python -m pytest -q tests/test_14_kv_cache.py`.
 from __future__ import annotations
 
 import array
-import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace

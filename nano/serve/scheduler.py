@@ -27,8 +27,8 @@ and makes the decisions of a step (`schedule`), before the model runs:
 
 and after the model ran: 3. FORK the other n - 1 choices of a request off its first one once its
 prompt is prefilled (every block shared, copy-on-write; `fork`), and let the admitted whose prompt
-is now all in the cache join the running (`join_running`). A finished or cancelled sequence leaves both queues and gives its blocks
-back (`remove`).
+is now all in the cache join the running (`join_running`). A finished or cancelled sequence leaves
+every queue and gives its blocks back (`remove`).
 
 The scheduler knows blocks and queues, not the model, sampling or threads: the engine
 (nano/serve/engine.py) calls it under its lock, runs the model over what it chose, and samples.
