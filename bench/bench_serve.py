@@ -26,7 +26,6 @@ best of --repeats runs, the cases interleaved so a busy neighbour slows them ali
 import argparse
 import copy
 import json
-import statistics
 import subprocess
 import sys
 import threading

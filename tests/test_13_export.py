@@ -15,7 +15,6 @@ The tokenizer.json check replays the `tokenizers` pipeline the file describes, r
 """
 
 import json
-import struct
 
 import pytest
 import regex

@@ -262,7 +262,6 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
     """
     table = bytes_to_unicode()
     specials = tokenizer.special_tokens  # {"<pad>": 0, ...}
-    special_ids = set(specials.values())
     vocab: dict[str, int] = {}
     for token_id in sorted(tokenizer.vocab):
         text = next((s for s, i in specials.items() if i == token_id), None)
