@@ -83,6 +83,30 @@ def test_forward_formula():
     torch.testing.assert_close(layer(x), x @ w.T + 3.0 * (x @ a.T) @ b.T)
 
 
+def test_gradients_equal_the_formulas():
+    """The layer may compute its backward its own way (nano's writes it out, for speed: LoRAFunction),
+    but the gradients must be those of y = x W^T + b + s (x A^T) B^T, for x, A and B, also with x
+    frozen (the first layer of a LoRA model) and on a 4-bit base (QLoRA: W is the dequantized weight)."""
+    torch.manual_seed(0)
+    for base in (nn.Linear(12, 20, bias=True).double(), nf4.Linear4bit.from_linear(nn.Linear(64, 24, bias=False))):
+        dtype = torch.float64 if isinstance(base, nn.Linear) else torch.float32
+        layer = lora.LoRALinear(base, r=3, alpha=6).to(dtype)
+        with torch.no_grad():
+            layer.lora_B.weight.normal_()
+        w = lora.base_weight(base, dtype)
+        b = base.bias if base.bias is not None else 0.0
+        a_, b_ = layer.lora_A.weight, layer.lora_B.weight
+        for x_needs_grad in (True, False):
+            x = torch.randn(2, 5, layer.in_features, dtype=dtype, requires_grad=x_needs_grad)
+            g = torch.randn(2, 5, layer.out_features, dtype=dtype)  # some dL/dy
+            inputs = [a_, b_] + ([x] if x_needs_grad else [])
+            ours = torch.autograd.grad((layer(x) * g).sum(), inputs)
+            formula = x @ w.T + b + 2.0 * (x @ a_.T) @ b_.T
+            expected = torch.autograd.grad((formula * g).sum(), inputs)
+            for name, got, want in zip(("A", "B", "x"), ours, expected):
+                torch.testing.assert_close(got, want, msg=f"dL/d{name} differs (x needs grad: {x_needs_grad})")
+
+
 def test_merge_unmerge_round_trip():
     torch.manual_seed(0)
     layer = lora.LoRALinear(nn.Linear(32, 16, bias=True), r=4, alpha=16)
