@@ -130,6 +130,29 @@ def test_discovery_evaluates_the_stages_that_exist(data, tokenizer, capsys):
     assert svg.count("<rect") == 1 + 2 and ">base<" in svg and ">lora<" in svg  # background + two bars
 
 
+def test_stages_in_worker_processes_give_the_same_numbers(data, tokenizer, capsys):
+    """--workers 2 (the default: two stages at once, each in a forked process on one core) writes the
+    same rows and the same samples as evaluating the stages one by one in this process."""
+    base = toy_model(tokenizer, 0)
+    save_model(base, tokenizer, BASE)
+    save_lora(base, LORA)
+    eval_dir = runs_dir() / "eval"
+    outputs = {}
+    for workers in ("1", "2"):
+        lesson.main(FAST + ["--workers", workers])
+        stages = json.loads((eval_dir / "results.json").read_text())["stages"]
+        for row in stages:
+            row.pop("seconds", None)  # the only thing allowed to differ
+        samples = {p.name: p.read_text() for p in sorted((eval_dir / "samples").iterdir())}
+        outputs[workers] = (stages, samples, capsys.readouterr().out)
+    assert outputs["1"][0] == outputs["2"][0]
+    assert outputs["1"][1] == outputs["2"][1] and len(outputs["1"][1]) == 3  # tinymath of both, words of lora
+    assert "2 at a time" in outputs["2"][2] and "2 at a time" not in outputs["1"][2]
+    # each stage's report is printed whole, in the lessons' order
+    printed = outputs["2"][2]
+    assert printed.index("=== base") < printed.index("(base: ") < printed.index("=== lora") < printed.index("(lora: ")
+
+
 def test_single_checkpoint_form(data, tokenizer, tmp_path):
     save_model(toy_model(tokenizer, 1), tokenizer, SFT)
     config = tmp_path / "eval.json"

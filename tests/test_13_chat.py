@@ -80,6 +80,14 @@ def test_qlora_adapter_on_the_quantized_base(runs, tokenizer):
                                              quantize=True)
     ids = tokenizer.encode("The cat")
     assert torch.allclose(last_logits(model, ids), last_logits(adapted, ids), atol=1e-5)
+    # merge_4bit (what lesson 12 evaluates): dequantized and merged once, the same logits bit for bit
+    merged, info = loading.load_for_inference(runs_dir() / BASE, runs_dir() / "sft/peft/qlora/default/adapter.pth",
+                                              quantize=True, merge_4bit=True)
+    assert "dequantized and merged" in info["description"]
+    assert not any(hasattr(m, "dequantize_weight") for m in merged.modules())  # plain nn.Linear layers now
+    batch = torch.tensor([ids, ids[::-1]])
+    with torch.no_grad():
+        assert torch.equal(merged(batch)[0], model(batch)[0])
 
 
 def test_adapter_for_another_base_is_refused(runs, tokenizer):

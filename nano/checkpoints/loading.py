@@ -50,6 +50,7 @@ def load_for_inference(
     adapter_path: str | Path | None = None,
     quantize: bool = False,
     device: str | torch.device = "cpu",
+    merge_4bit: bool = False,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A ready model in eval mode, and `info` about what was loaded.
 
@@ -59,7 +60,10 @@ def load_for_inference(
 
     An adapter on a full-precision base is merged into the weights (W + (alpha/r) B A, one matmul
     per layer instead of three, same outputs); on a 4-bit base it stays beside it (merging would
-    mean dequantizing, and the memory saving is the point of --quantize).
+    mean dequantizing, and the memory saving is the point of --quantize) unless `merge_4bit`: then
+    the base is dequantized and merged once (nano/model/lora.py: merge_lora), which gives the same
+    outputs bit for bit (an unmerged layer forms the same W_hat + (alpha/r) B A in every forward)
+    in less time and more memory: what an evaluation (lesson 12) wants.
     """
     checkpoint_path = Path(checkpoint_path)
     # 1. the base model (load_model says which lesson makes a missing checkpoint)
@@ -74,7 +78,7 @@ def load_for_inference(
     adapter = None
     if adapter_path:
         adapter = load_adapter(model, adapter_path, base_identity=identity)
-        if not quantize:
+        if not quantize or merge_4bit:
             merge_lora(model)
     model = model.to(device).eval().requires_grad_(False)  # inference only: no gradients anywhere
 
@@ -82,8 +86,8 @@ def load_for_inference(
     if quantize:
         parts.append(f"NF4-quantized projections (block {NF4_BLOCKSIZE}, double quant)")
     if adapter_path:
-        parts.append(f"+ LoRA adapter {adapter_path} (r={adapter['config']['r']}"
-                     f"{', merged' if not quantize else ''})")
+        merged = ", merged" if not quantize else ", dequantized and merged: the same outputs" if merge_4bit else ""
+        parts.append(f"+ LoRA adapter {adapter_path} (r={adapter['config']['r']}{merged})")
         if "quantization" in adapter["base_identity"] and not quantize:
             parts.append("— note: this adapter was trained on a 4-bit base; add --quantize to match it")
     info = {
@@ -121,9 +125,9 @@ class Stage:
     def exists(self) -> bool:
         return all(p is None or p.is_file() for p in self.paths())
 
-    def load(self, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    def load(self, device: str | torch.device = "cpu", merge_4bit: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
         checkpoint, adapter = self.paths()
-        return load_for_inference(checkpoint, adapter, quantize=self.quantize, device=device)
+        return load_for_inference(checkpoint, adapter, quantize=self.quantize, device=device, merge_4bit=merge_4bit)
 
 
 # In the order of the lessons; each one's real run (run_name "default", nano/common/paths.py: RunPaths).
