@@ -276,6 +276,24 @@ def test_fast_decode_step_is_bit_for_bit_the_plain_forward(model):
             assert torch.equal(logits[:, -1], plain)
 
 
+def test_fast_decode_step_on_a_left_padded_batch_is_bit_for_bit_the_plain_forward(model):
+    """generate_batch's rows are left-padded: the fused step hides each row's padding with the cache's
+    key_mask (as it hides keys outside the window) and must still give the forward's very numbers."""
+    from nano.text.padding import left_pad
+
+    ids, key_mask = left_pad([random_prompts(1, seed=s, longest=12)[0] for s in (9, 10, 11)])
+    assert not key_mask.all()  # some padding to hide
+    fast_cache, plain_cache = model.new_kv_cache(3, 64), model.new_kv_cache(3, 64)
+    with torch.no_grad():
+        logits, _ = model(ids, kv_cache=fast_cache, key_mask=key_mask)
+        model(ids, kv_cache=plain_cache, key_mask=key_mask)
+        for _ in range(30):  # past the sliding window of 8: window and padding masks together
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            logits = generate_mod.next_logits(model, token, fast_cache)  # the fast path
+            assert getattr(fast_cache, "inference_model", None) is not None  # (it was taken)
+            assert torch.equal(logits, model(token, kv_cache=plain_cache)[0])
+
+
 def test_a_cancel_while_the_model_runs_is_skipped_and_frees_everything(model):
     # the engine lets go of its lock while the model runs (other threads may submit, cancel, read
     # /stats); here the cancel comes from inside that window, as another thread's would

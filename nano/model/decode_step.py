@@ -218,19 +218,26 @@ def hidden_to_bias(hidden: torch.Tensor) -> torch.Tensor:
 def decode_step(model: nn.Module, idx: torch.Tensor, kv_cache) -> torch.Tensor:
     """The fast one-token step: one new token per row (B, 1) into a KVCache -> logits (B, 1, V).
 
-    Every row is at position kv_cache.pos (no padding). The InferenceModel is built on the first
-    step and kept on the cache: weights do not change while one cache is being filled.
+    Every row is at position kv_cache.pos; rows that were left-padded (generate_batch) carry the
+    cache's key_mask, whose padding is hidden from this step's query like keys outside the window.
+    The InferenceModel is built on the first step and kept on the cache: weights do not change
+    while one cache is being filled.
     """
     fast = getattr(kv_cache, "inference_model", None)
     if fast is None or fast.model is not model:
         fast = kv_cache.inference_model = InferenceModel(model)
     batch, pos, device = idx.shape[0], kv_cache.pos, idx.device
     positions = torch.full((batch,), pos, dtype=torch.long, device=device)
-    # the window masks of this step, shared by every layer with that window: keys more than
-    # `window` - 1 positions back are hidden (nano/model/attention.py: allowed_keys for one query)
+    # the masks of this step, shared by every layer with that window: keys more than `window` - 1
+    # positions back are hidden (nano/model/attention.py: allowed_keys for one query), and so is
+    # each row's left padding (key_mask False; the new token itself is real: write_mask)
     distance = pos - torch.arange(pos + 1, device=device)  # (L,)
-    masks = {w["window"]: hidden_to_bias(distance >= w["window"]) if 0 < w["window"] <= pos else None
-             for w in fast.layers}
+    real = kv_cache.write_mask(None, 1)  # (B, L) or None: nothing was padded
+    padding = None if real is None else hidden_to_bias(~real)  # (B, L)
+    masks = {}
+    for w in fast.layers:
+        window = hidden_to_bias(distance >= w["window"]) if 0 < w["window"] <= pos else None  # (L,)
+        masks[w["window"]] = padding if window is None else window if padding is None else padding + window
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         w = fast.layers[layer]

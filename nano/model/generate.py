@@ -283,11 +283,11 @@ def next_logits(model: torch.nn.Module, ids: torch.Tensor, kv_cache) -> torch.Te
     """Feed one new token per row, ids (B, 1), into `kv_cache` -> next-token logits (B, 1, V).
 
     A tiny model's decode step costs per-operation overhead, not arithmetic, so GemmaNano's decode
-    step (nano/model/decode_step.py) computes the forward's numbers in ~5x fewer operations. It covers
-    the plain case: every row at the same position (no padding in the cache), no gradients, no
-    autocast, not being compiled. Anything else takes the model's own forward.
+    step (nano/model/decode_step.py) computes the forward's numbers in ~5x fewer operations, for
+    left-padded batches too. It covers the plain case: no gradients, no autocast, not being compiled.
+    Anything else takes the model's own forward.
     """
-    if (isinstance(model, GemmaNano) and kv_cache.key_mask is None and not torch.is_grad_enabled()
+    if (isinstance(model, GemmaNano) and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(ids.device.type)):
         return decode_step(model, ids, kv_cache)
     return model(ids, kv_cache=kv_cache)[0]
