@@ -237,7 +237,10 @@ def decode_step(model: nn.Module, idx: torch.Tensor, kv_cache) -> torch.Tensor:
     masks = {}
     for w in fast.layers:
         window = hidden_to_bias(distance >= w["window"]) if 0 < w["window"] <= pos else None  # (L,)
-        masks[w["window"]] = padding if window is None else window if padding is None else padding + window
+        if window is not None and padding is not None:
+            masks[w["window"]] = padding + window  # (B, L): -inf where either hides the key
+        else:
+            masks[w["window"]] = padding if window is None else window
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         w = fast.layers[layer]
