@@ -32,7 +32,7 @@ UNIT_TESTS_ONLY = "not lesson_ and not resume and not refused and not needs_prom
 ROUTES = [
     (1, "tokenizer", ["merge"], "test_merge_replaces_pairs_left_to_right", None),
     (3, "attention", ["allowed_keys"], "test_window_boundary", None),
-    (6, "lora", ["LoRALinear", "LoRAFunction", "base_weight", "is_linear", "is_4bit", "_device_of"],
+    (6, "lora", ["LoRALinear", "LoRAFunction", "merged_weight", "base_weight", "is_linear", "is_4bit", "_device_of"],
      "rslora_scaling or forward_formula or gradients_equal", None),
     (7, "nf4", ["nf4_code_values"], "test_code_values", None),
     (9, "dpo", ["dpo_loss"], "dpo_loss_and_metrics_check_vector or cdpo_and_ipo", UNIT_TESTS_ONLY),

@@ -294,6 +294,35 @@ def test_fast_decode_step_on_a_left_padded_batch_is_bit_for_bit_the_plain_forwar
             assert torch.equal(logits, model(token, kv_cache=plain_cache)[0])
 
 
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_fast_decode_step_of_a_lora_model_is_bit_for_bit_its_forward(model, four_bit):
+    """An unmerged LoRA model (the RL lessons' policies, lessons 6 and 7 before saving): the fused step
+    multiplies by each layer's W + s B A formed once per generation, its forward forms it per call."""
+    import copy
+
+    from nano.model.lora import inject_lora
+    from nano.model.nf4 import quantize_model
+    from nano.text.padding import left_pad
+
+    adapted = quantize_model(copy.deepcopy(model), double_quant=True) if four_bit else copy.deepcopy(model)
+    inject_lora(adapted, r=4, alpha=8)
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:  # B = 0 at init would make the adapters invisible
+                p.normal_(std=0.05)
+    adapted.eval()
+    ids, key_mask = left_pad([random_prompts(1, seed=s, longest=12)[0] for s in (12, 13)])
+    fast_cache, plain_cache = adapted.new_kv_cache(2, 64), adapted.new_kv_cache(2, 64)
+    with torch.no_grad():
+        logits, _ = adapted(ids, kv_cache=fast_cache, key_mask=key_mask)
+        adapted(ids, kv_cache=plain_cache, key_mask=key_mask)
+        for _ in range(12):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            logits = generate_mod.next_logits(adapted, token, fast_cache)
+            assert fast_cache.inference_model.layers[0]["qkv"].weight is not None  # fused, not called layer by layer
+            assert torch.equal(logits, adapted(token, kv_cache=plain_cache)[0])
+
+
 def test_a_cancel_while_the_model_runs_is_skipped_and_frees_everything(model):
     # the engine lets go of its lock while the model runs (other threads may submit, cancel, read
     # /stats); here the cancel comes from inside that window, as another thread's would

@@ -11,7 +11,7 @@ nano/model/gemma.py computes, with the same elementwise formulas in the same ord
     - norms use their gains (1 + w) computed once, with no autograd Function around them;
     - tokens are a flat (N, ...) batch, each with its own position, and attention is a callback:
       `nano/model/generate.py` attends over its contiguous KVCache, nano/serve/engine.py over the paged one.
-Layers that are not plain nn.Linear (NF4's Linear4bit, a LoRA wrapper) are simply called as they are.
+Plain nn.Linear, NF4's Linear4bit and LoRA's wrapper are fused (FusedLinear); other layers are called as they are.
 
 Build one per generation (it copies the projection weights: ~2x their memory while it lives, and
 a model being trained changes its weights between generations):
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from nano.model.attention import scalar, soft_cap
 from nano.model.gemma import rope_cos_sin, rotate
+from nano.model.lora import LoRALinear
 from nano.model.nf4 import Linear4bit, dequantize_packed
 
 # attend(layer_idx, q (N, Hq, D), k (N, Hkv, D), v (N, Hkv, D)) -> (N, Hq * D): store k, v, attend
@@ -53,7 +54,10 @@ class FusedLinear:
       - NF4 Linear4bit (nano/model/nf4.py): their packed bytes and block scales are concatenated once, and
         the fused weight is dequantized once per call, for every token of the batch at once (the
         scales are rebuilt from their 8-bit form once here, not on every step);
-      - anything else (a LoRA wrapper): each layer is called as it is.
+      - LoRA wrappers (nano/model/lora.py) without dropout: each one's W + s B A is formed once
+        (`merged_weight`, what its forward multiplies by on every call) and concatenated like plain
+        weights: the weights do not change while one generation runs;
+      - anything else: each layer is called as it is.
     """
 
     def __init__(self, modules: list[nn.Module]):
@@ -61,6 +65,10 @@ class FusedLinear:
         self.modules, self.weight, self.packed = modules, None, None
         if all(type(m) is nn.Linear and m.bias is None for m in modules):
             self.weight = torch.cat([m.weight.detach() for m in modules])  # (sum of outs, in)
+        elif all(isinstance(m, LoRALinear) and not m.merged and m.base.bias is None
+                 and (m.dropout_p == 0 or not m.training) for m in modules):
+            with torch.no_grad():
+                self.weight = torch.cat([m.merged_weight() for m in modules])  # (sum of outs, in)
         elif all(isinstance(m, Linear4bit) and m.bias is None and m.blocksize == modules[0].blocksize
                  and (m.in_features * m.out_features) % m.blocksize == 0 for m in modules):
             states = [m.quant_state() for m in modules]

@@ -65,6 +65,15 @@ def _device_of(module: nn.Module) -> torch.device:
 # 2. the adapted layer
 
 
+def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B A, (out, in), formed in (at least) fp32: bf16 -> fp32, fp32 and fp64 stay.
+
+    The one place it is computed, so that every path that uses it (LoRAFunction in training, the
+    fused decode step of nano/model/decode_step.py, merge_lora) gets the same bits."""
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    return weight.to(wide) + scaling * (B.to(wide) @ A.to(wide))  # (out, r) @ (r, in)
+
+
 class LoRAFunction(torch.autograd.Function):
     """y = x (W + s B A)^T + b with W frozen (s = scaling): a LoRA layer's forward and backward, written out.
 
@@ -87,8 +96,7 @@ class LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, A, B, scaling, bias):
-        wide = torch.promote_types(weight.dtype, torch.float32)  # bf16 -> fp32; fp32 and fp64 stay
-        merged = (weight.to(wide) + scaling * (B.to(wide) @ A.to(wide))).to(x.dtype)  # (out, r) @ (r, in)
+        merged = merged_weight(weight, A, B, scaling).to(x.dtype)
         ctx.save_for_backward(x, merged, A, B)
         ctx.scaling = scaling
         return F.linear(x, merged, bias)  # (..., in) -> (..., out)
@@ -158,6 +166,10 @@ class LoRALinear(nn.Module):
         bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
         return LoRAFunction.apply(x, base_weight(self.base), self.lora_A.weight, self.lora_B.weight,
                                   self.scaling, bias)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + scaling * B A (out, in) in at least fp32: what forward multiplies by (without dropout)."""
+        return merged_weight(base_weight(self.base), self.lora_A.weight.detach(), self.lora_B.weight.detach(), self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A: the (out_features, in_features) update this adapter adds to W, in fp32."""
@@ -287,17 +299,15 @@ def inject_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base and put a plain nn.Linear in its place; returns the model.
 
-    W_merged = W + scaling * B @ A, computed in fp32 and stored in the base's dtype. A 4-bit base
-    is dequantized first, so the result is a full-precision model that computes what the QLoRA
-    model computed (exactly, up to float rounding). Every parameter is trainable again afterwards,
-    as in a model that was never adapted.
+    W_merged = W + scaling * B @ A (`merged_weight`: at least fp32), stored in the base's dtype. A
+    4-bit base is dequantized first, so the result is a full-precision model that computes what the
+    QLoRA model computed: bit for bit in fp32, where the unmerged layer multiplies by the very same
+    matrix. Every parameter is trainable again afterwards, as in a model that was never adapted.
     """
     for name, layer in lora_layers(model).items():
         base = layer.base
         dtype = base.weight_dtype if is_4bit(base) else base.weight.dtype
-        weight = base_weight(base, torch.float32)
-        if not layer.merged:
-            weight = weight + layer.delta_weight()
+        weight = base_weight(base, torch.float32) if layer.merged else layer.merged_weight()
         merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
                            device=weight.device, dtype=dtype)
         merged.weight.copy_(weight)
