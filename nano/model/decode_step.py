@@ -67,8 +67,7 @@ class FusedLinear:
             self.weight = torch.cat([m.weight.detach() for m in modules])  # (sum of outs, in)
         elif all(isinstance(m, LoRALinear) and not m.merged and m.base.bias is None
                  and (m.dropout_p == 0 or not m.training) for m in modules):
-            with torch.no_grad():
-                self.weight = torch.cat([m.merged_weight() for m in modules])  # (sum of outs, in)
+            self.weight = torch.cat([m.merged_weight() for m in modules])  # (sum of outs, in): detached
         elif all(isinstance(m, Linear4bit) and m.bias is None and m.blocksize == modules[0].blocksize
                  and (m.in_features * m.out_features) % m.blocksize == 0 for m in modules):
             states = [m.quant_state() for m in modules]

@@ -218,7 +218,7 @@ class PagedKVCache:
         self.prefix_caching = prefix_caching
         shape = (num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
         # keys and values of a layer side by side in one tensor (2, *shape), so that one gather reads
-        # both (`gather_keys_values`); `keys[layer]` and `values[layer]` are its two halves (views)
+        # both (`gather_kv`); `keys[layer]` and `values[layer]` are its two halves (views)
         self.pools = [torch.zeros((2, *shape), device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.keys = [pool[0] for pool in self.pools]
         self.values = [pool[1] for pool in self.pools]
@@ -385,29 +385,18 @@ def block_table_tensor(tables: Sequence[Sequence[int]], device=None) -> torch.Te
 def gather_kv(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """Copy each sequence's blocks out of `pool` into one contiguous run of keys (or values).
 
-    pool (num_blocks, block_size, Hkv, D), block_tables (S, max_blocks) -> (S, Hkv, max_blocks * block_size, D)
+    pool (..., num_blocks, block_size, Hkv, D), block_tables (S, max_blocks) -> (..., S, Hkv, max_blocks * block_size, D)
     Position t of sequence s ends up at index t, because block i of the table holds positions
-    [i * block_size, (i + 1) * block_size).
+    [i * block_size, (i + 1) * block_size). A layer's keys and values side by side (PagedKVCache.pools,
+    (2, num_blocks, ...)) come out as one (2, S, ...) tensor: one index_select instead of two, which
+    matters on a CPU, where each call costs microseconds whatever its size and the decode step makes
+    one per layer.
     """
     num_seqs, max_blocks = block_tables.shape
-    _, block_size, kv_heads, head_dim = pool.shape
-    # index_select: the same as pool[block_tables] (S, max_blocks, block_size, Hkv, D), on a flat index, faster
-    gathered = pool.index_select(0, block_tables.view(-1))  # (S * max_blocks, block_size, Hkv, D)
-    return gathered.view(num_seqs, max_blocks * block_size, kv_heads, head_dim).transpose(1, 2)
-
-
-def gather_keys_values(pool: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gather_kv` of the keys and the values in one call, from a layer's two pools side by side.
-
-    pool (2, num_blocks, block_size, Hkv, D) -> keys, values (S, Hkv, max_blocks * block_size, D).
-    One index_select instead of two: on a CPU each call costs microseconds whatever its size, and
-    the decode step makes one per layer.
-    """
-    num_seqs, max_blocks = block_tables.shape
-    _, _, block_size, kv_heads, head_dim = pool.shape
-    gathered = pool.index_select(1, block_tables.view(-1))  # (2, S * max_blocks, block_size, Hkv, D)
-    keys, values = gathered.view(2, num_seqs, max_blocks * block_size, kv_heads, head_dim).transpose(2, 3)
-    return keys, values
+    *lead, _, block_size, kv_heads, head_dim = pool.shape
+    # index_select: the same as pool[..., block_tables, :, :, :], on a flat index, faster
+    gathered = pool.index_select(len(lead), block_tables.view(-1))  # (..., S * max_blocks, block_size, Hkv, D)
+    return gathered.view(*lead, num_seqs, max_blocks * block_size, kv_heads, head_dim).transpose(-3, -2)
 
 
 def paged_attention_reference(

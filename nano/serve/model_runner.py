@@ -20,7 +20,7 @@ import importlib.util
 import torch
 
 from nano.model.decode_step import InferenceModel, decode_attention, hidden_to_bias
-from nano.serve.kv_cache import (PagedKVCache, SequenceBlocks, block_table_tensor, gather_keys_values, long_tensor,
+from nano.serve.kv_cache import (PagedKVCache, SequenceBlocks, block_table_tensor, gather_kv, long_tensor,
                                 paged_attention_reference)
 
 
@@ -96,7 +96,7 @@ class ModelRunner:
                     parts.append(o.reshape(-1, heads * head_dim))
                 else:
                     tables, key_bias = decode["views"][w["window"]]
-                    keys, values = gather_keys_values(cache.pools[layer], tables)  # (S, Hkv, L, D) each
+                    keys, values = gather_kv(cache.pools[layer], tables)  # (S, Hkv, L, D) each
                     parts.append(decode_attention(q_decode, keys, values, w["scale"], softcap, key_bias))
             return parts[0] if len(parts) == 1 else torch.cat(parts)  # (N, Hq*D)
 
