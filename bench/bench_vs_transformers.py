@@ -14,7 +14,11 @@ stop token on either side: a reply that ends early would make the faster side lo
         Engine is);
     (b) our Engine against the classic static batch: `model.generate` on the prompts left-padded;
     (c) one request: our Engine, our `nano/model/generate.py: generate`, and `model.generate`;
-    (d) greedy tokens: every request's tokens from each transformers path against the engine's.
+    (d) greedy tokens: every request's tokens from each transformers path against the engine's;
+    (e) with --breakdown: one request decoded by our `generate` and by `model.generate` under
+        torch.profiler, its time per token split into matrix products and everything else. The
+        products are the same arithmetic on the same weights on both sides, so their time bounds
+        what any saving of ours can reach: (their whole step) / (our products alone).
 
 Times are the best of --repeats runs with the cases interleaved, so a busy neighbour slows them
 alike; everything runs on --threads torch threads (1: the engine's loop is one thread).
@@ -139,6 +143,41 @@ def run_hf_continuous(manager, prompts: list[list[int]], new_tokens: int):
     return seconds, [list(done[i].generated_tokens) for i in request_ids]
 
 
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # the kernels that do the arithmetic
+
+
+def breakdown(way, prompt: list[int], new_tokens: int) -> dict:
+    """ms per token of one request, and how the profiler splits it: matrix products against the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seconds = min(way([prompt])[0] for _ in range(3))  # unprofiled: the profiler slows small ops down
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        way([prompt])
+    events = prof.key_averages()
+    products = [e for e in events if e.key in MATRIX_PRODUCTS]
+    rest = [e for e in events if e.key not in MATRIX_PRODUCTS]
+    per_token_ms = 1e-3 / new_tokens  # the profiler counts microseconds
+    return {"ms": 1e3 * seconds / new_tokens,
+            "products_ms": sum(e.self_cpu_time_total for e in products) * per_token_ms,
+            "rest_ms": sum(e.self_cpu_time_total for e in rest) * per_token_ms,
+            "products_calls": sum(e.count for e in products) / new_tokens,
+            "rest_calls": sum(e.count for e in rest) / new_tokens}
+
+
+def print_breakdown(ours_way, theirs_way, prompt: list[int], new_tokens: int) -> None:
+    """(e): where a batch-1 token's time goes on each side, and the ratio no overhead saving can pass."""
+    ours, theirs = breakdown(ours_way, prompt, new_tokens), breakdown(theirs_way, prompt, new_tokens)
+    print(f"\nbatch 1, one {len(prompt)}-token prompt, {new_tokens} greedy tokens, split by torch.profiler "
+          "(its own overhead inflates the small ops; the first column is unprofiled, best of 3):")
+    print("\n| way | ms per token | matrix products: ms (calls) | everything else: ms (ops) |")
+    print("|---|---:|---:|---:|")
+    for name, b in (("our generate", ours), ("transformers generate", theirs)):
+        print(f"| {name} | {b['ms']:.2f} | {b['products_ms']:.2f} ({b['products_calls']:.0f}) | "
+              f"{b['rest_ms']:.2f} ({b['rest_calls']:.0f}) |")
+    print(f"\ntransformers / ours: {theirs['ms'] / ours['ms']:.2f}x. With nothing but its matrix products left, our "
+          f"step would still take {ours['products_ms']:.2f} ms: at most {theirs['ms'] / ours['products_ms']:.2f}x.")
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -190,6 +229,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--one_at_a_time", type=int, default=4, help="requests of the batch-1 rows, one after another")
     parser.add_argument("--max_batch_tokens", type=int, default=2048, help="prompt tokens per step, both engines")
+    parser.add_argument("--breakdown", action="store_true", help="also split a batch-1 token's time (profiler)")
     args = parser.parse_args()
     try:
         import transformers
@@ -297,6 +337,8 @@ def main() -> int:
                    COMMAND)
     if why:
         print(f"\ntransformers continuous batching at {most} requests: {why}")
+    if args.breakdown:
+        print_breakdown(one["our generate"], one["transformers generate"], prompts[0], args.new_tokens)
     return 0
 
 
