@@ -60,8 +60,14 @@ $(call done,2): $(call done,1)
 $(call done,4): $(call done,2)
 $(call done,5) $(call done,6) $(call done,7) $(call done,12) $(call done,13) $(call done,14): $(call done,4)
 $(call done,8) $(call done,9) $(call done,10) $(call done,11): $(call done,5)
+# beside another lesson (make all's ONE_CORE=1), a lesson runs on one core with its output in
+# runs/logs/lesson-N.log, printed whole when it finishes: two lessons' progress bars would
+# otherwise overwrite each other. `tail -f` the log to watch it live; it stays there afterwards.
+run_beside = export OMP_NUM_THREADS=1; mkdir -p runs/logs; log=runs/logs/lesson-$(1).log; \
+	echo "==> lesson $(1) started on one core (live: tail -f $$log)"; \
+	( $(call run_lesson,$(1),$(2)) ) > $$log 2>&1; status=$$?; cat $$log; exit $$status
 $(DONE)/lesson-%:
-	@$(if $(ONE_CORE),export OMP_NUM_THREADS=1;) $(call run_lesson,$*,$(ALL_ARGS_$*))
+	@$(if $(ONE_CORE),$(call run_beside,$*,$(ALL_ARGS_$*)),$(call run_lesson,$*,$(ALL_ARGS_$*)))
 
 lesson-0: setup ## data: the built-in corpus (or --source tinystories) into data/raw/
 	@$(call run_lesson,0,$(ARGS))
@@ -118,7 +124,7 @@ all: setup ## every lesson on the CPU preset, 5-11 two at a time (JOBS=1: one by
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory $(call stamps,$(BEFORE)) && \
 	if [ "$(JOBS)" -gt 1 ]; then echo "==> lessons $(BESIDE) and the export, $(JOBS) at a time on one core each; each one's output appears when it finishes"; fi && \
-	$(MAKE) --no-print-directory -j$(JOBS) $(if $(filter-out 1,$(JOBS)),--output-sync=target ONE_CORE=1) $(call stamps,$(BESIDE)) $(DONE)/export && \
+	$(MAKE) --no-print-directory -j$(JOBS) $(if $(filter-out 1,$(JOBS)),ONE_CORE=1) $(call stamps,$(BESIDE)) $(DONE)/export && \
 	$(MAKE) --no-print-directory $(call stamps,$(AFTER)) && \
 	took=$$(( $$(date +%s) - start )) && \
 	echo "make all: every lesson is done (runs/.done/) in $$((took / 60)) min $$((took % 60)) s; rerun one with make lesson-N, or start over with make clean"
