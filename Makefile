@@ -113,8 +113,8 @@ $(DONE)/export: $(call done,5)
 # run JOBS at a time, each on one core (a training step on one core costs 1.7x one on two, but the
 # decoding parts use one core anyway), their output printed whole as each finishes. JOBS=1: one by one.
 # make starts them in this order as cores free up: 5 first (8-11 wait for it), then the longest of
-# those that wait for it (GRPO, PPO: ~190 and ~170 s) before the shorter ones, so that the two cores
-# finish close together (measured: 25 s sooner than 5 6 7 8 9 10 11).
+# those that wait for it (GRPO, PPO: ~190 and ~170 s) early, so that the two cores tend to finish
+# close together (with one run's durations 25 s sooner than 5 6 7 8 9 10 11, with another's level).
 JOBS ?= 2
 BEFORE := 0 1 2 3 4
 BESIDE := 5 6 7 10 8 11 9
