@@ -20,6 +20,7 @@ llama.cpp-style forward pass written in torch); this script is the one-off proof
 
     .venv/bin/python bench/verify_gguf_llamacpp.py                  # the full-SFT model (else the pretrained one)
     .venv/bin/python bench/verify_gguf_llamacpp.py --skip_speed
+    .venv/bin/python bench/verify_gguf_llamacpp.py --compiled       # batch 1 through torch.compile too
     .venv/bin/python bench/verify_gguf_llamacpp.py --sdist llama_cpp_python-0.3.36.tar.gz   # a copy you downloaded
 
 It needs cmake and a C++ compiler, and the network once (~75 MB); offline it says so and stops.
@@ -51,6 +52,7 @@ from nano.text.chat_format import render_prompt  # noqa: E402
 from nano.text.pretokenize import PATTERNS  # noqa: E402
 from nano.text.tokenizer import Tokenizer  # noqa: E402
 from verify_hf_export import EDGE_TEXTS, find_checkpoint, random_texts  # noqa: E402  (bench/verify_hf_export.py)
+from bench_compile_decode import FixedShapeStep, generate_with_step  # noqa: E402  (bench/bench_compile_decode.py)
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp this was checked with
 TOOLS = ("llama-batched-bench", "llama-tokenize", "llama-completion")
@@ -270,7 +272,7 @@ def llamacpp_speed(paths, model_file, prompt_len, new_tokens, parallel) -> dict[
     return {row["pl"]: row for row in rows}
 
 
-def ours_speed(model, prompt_len, new_tokens, parallel) -> dict:
+def ours_speed(model, prompt_len, new_tokens, parallel, compiled_step=None) -> dict:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, model.cfg.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(max(parallel))]
     params = SamplingParams(max_tokens=new_tokens)  # greedy; no stop token set: exactly new_tokens each
@@ -282,6 +284,11 @@ def ours_speed(model, prompt_len, new_tokens, parallel) -> dict:
     out = generate(model, prompts[0], new_tokens)
     speeds["generate"] = len(out) / (time.perf_counter() - start)
     assert len(out) == new_tokens
+    if compiled_step is not None:  # bench/bench_compile_decode.py's fixed-shape step, compiled beforehand
+        start = time.perf_counter()
+        compiled_out = generate_with_step(model, compiled_step, prompts[0], new_tokens)
+        speeds["compiled"] = len(compiled_out) / (time.perf_counter() - start)
+        speeds["compiled_same"] = compiled_out == out
     for n in parallel:
         start = time.perf_counter()
         results = engine.generate(prompts[:n], params)
@@ -296,6 +303,11 @@ def speed_table(paths, model_file, model, args) -> None:
     best_llama: dict[int, dict] = {}
     best_ours: dict = {}
     quiet = True
+    compiled_step, same = None, True
+    if args.compiled:  # the compile itself (~30 s) happens here, before any timing
+        torch._inductor.config.cpp_wrapper = True
+        compiled_step = torch.compile(FixedShapeStep(model, args.prompt_len + args.speed_new_tokens), dynamic=False)
+        generate_with_step(model, compiled_step, list(range(10, 10 + args.prompt_len)), args.speed_new_tokens)
     for repeat in range(args.repeats):  # interleaved, so a busy neighbour slows both alike; best of each
         quiet &= wait_until_quiet(args.quiet_wait)
         for pl, row in llamacpp_speed(paths, model_file, args.prompt_len, args.speed_new_tokens, parallel).items():
@@ -303,8 +315,11 @@ def speed_table(paths, model_file, model, args) -> None:
             if pl not in best_llama or row["gen_per_s"] > best_llama[pl]["gen_per_s"]:
                 best_llama[pl] = row
         quiet &= wait_until_quiet(args.quiet_wait)
-        for key, speed in ours_speed(model, args.prompt_len, args.speed_new_tokens, parallel).items():
-            best_ours[key] = max(best_ours.get(key, 0.0), speed)
+        for key, speed in ours_speed(model, args.prompt_len, args.speed_new_tokens, parallel, compiled_step).items():
+            if key == "compiled_same":
+                same &= speed
+            else:
+                best_ours[key] = max(best_ours.get(key, 0.0), speed)
         print(f"   run {repeat + 1}/{args.repeats} done", flush=True)
 
     print(f"\n4. speed, one thread, {args.prompt_len}-token prompts, {args.speed_new_tokens} new tokens each, best of {args.repeats} "
@@ -312,9 +327,12 @@ def speed_table(paths, model_file, model, args) -> None:
     print("\n| parallel sequences | llama.cpp tokens/s | llama.cpp decode only (S_TG) | ours | ours tokens/s | "
           "ms per step, llama.cpp / ours | ours / llama.cpp |")
     print("|---:|---:|---:|---|---:|---:|---:|")
-    for pl, key in ((1, "generate"), (1, 1), (16, 16), (64, 64)):
+    rows = [(1, "generate")] + ([(1, "compiled")] if "compiled" in best_ours else []) + [(1, 1), (16, 16), (64, 64)]
+    for pl, key in rows:
         llama, rate = best_llama[pl], best_ours[key]
-        what = "generate (nano/model/generate.py)" if key == "generate" else "engine (nano/serve/engine.py)"
+        what = {"generate": "generate (nano/model/generate.py)",
+                "compiled": f"the compiled decode step (bench/bench_compile_decode.py; tokens equal generate's: {same})"
+                }.get(key, "engine (nano/serve/engine.py)")
         # a step makes one token for each of the pl sequences: ms per step = 1000 pl / (tokens/s)
         print(f"| {pl} | {llama['gen_per_s']:.0f} | {llama['speed_tg']:.0f} | {what} | {rate:.0f} | "
               f"{1000 * pl / llama['gen_per_s']:.2f} / {1000 * pl / rate:.2f} | {rate / llama['gen_per_s']:.2f}x |")
@@ -345,6 +363,8 @@ def main() -> int:
     parser.add_argument("--prompt_len", type=int, default=32, help="prompt tokens per sequence in the speed table")
     parser.add_argument("--speed_new_tokens", type=int, default=128, help="new tokens per sequence in the speed table")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side, interleaved; the best counts")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time batch 1 through torch.compile'd fixed-shape decode step (compiles ~30 s first)")
     parser.add_argument("--quiet_wait", type=float, default=600, help="seconds to wait for a quiet machine before timing anyway")
     args = parser.parse_args()
     work = Path(args.work_dir)

@@ -59,9 +59,11 @@ def random_texts(count: int, seed: int = 0) -> list[str]:
 
 
 def find_checkpoint() -> str:
+    from nano.common.paths import runs_dir  # (NANO_RUNS_DIR, else the repository's runs/)
+
     for rel in ("sft/full/default/checkpoints/ckpt_best.pth", "pretrain/default/checkpoints/ckpt_best.pth"):
-        if (ROOT / "runs" / rel).is_file():
-            return str(ROOT / "runs" / rel)
+        if (runs_dir() / rel).is_file():
+            return str(runs_dir() / rel)
     raise SystemExit("no checkpoint under runs/: run `make lesson-5` (or lesson-4) first, or pass --checkpoint")
 
 

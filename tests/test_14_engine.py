@@ -18,6 +18,7 @@ requests leave the pool exactly as it started. The model is the real GemmaNano a
 """
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -348,3 +349,25 @@ def test_a_cancel_while_the_model_runs_is_skipped_and_frees_everything(model):
     assert cancelled.finish_reason == "cancelled" and cancelled.num_output == 2  # nothing added after the cancel
     assert [r.sequences[0].output_ids for i, r in enumerate(requests) if i != 1] == alone[:1] + alone[2:]
     assert pool_is_pristine(engine)
+
+
+def test_the_fixed_shape_step_of_the_compile_benchmark_decodes_like_generate(model):
+    """bench/bench_compile_decode.py times torch.compile on a decode step of one fixed shape (attention
+    over the whole cache, later positions hidden by the bias): eager, it must give generate's tokens,
+    past the sliding window, and logits equal to the plain forward's up to float rounding."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from bench_compile_decode import FixedShapeStep, generate_with_step
+
+    prompt = random_prompts(1, seed=12, longest=10)[0] + [4, 5]
+    step = FixedShapeStep(model, len(prompt) + 30)  # its shape: a cache of exactly this many positions
+    assert generate_with_step(model, step, prompt, 30) == generate_mod.generate(model, prompt, 30)
+    cache, plain_cache = model.new_kv_cache(1, len(prompt) + 30), model.new_kv_cache(1, len(prompt) + 30)
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), kv_cache=cache)
+        model(torch.tensor([prompt]), kv_cache=plain_cache)
+        for pos, token in zip(range(len(prompt), len(prompt) + 20), range(3, 23)):
+            fixed = step(torch.tensor([token]), torch.tensor([pos]), cache.keys, cache.values)
+            plain = model(torch.tensor([[token]]), kv_cache=plain_cache)[0][:, -1]
+            torch.testing.assert_close(fixed, plain, rtol=1e-5, atol=1e-5)
