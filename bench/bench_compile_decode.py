@@ -94,16 +94,6 @@ def generate_with_step(model, step, prompt: list[int], new_tokens: int) -> list[
     return tokens
 
 
-def best_time(run, repeats: int) -> tuple[float, list[int]]:
-    """The fastest of `repeats` runs (a busy neighbour only ever slows a run down) and its tokens."""
-    best, tokens = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        tokens = run()
-        best = min(best, time.perf_counter() - start)
-    return best, tokens
-
-
 def bench_preset(preset: str, args) -> dict:
     torch.manual_seed(0)
     model = GemmaNano(model_config(preset)).eval()
@@ -124,8 +114,10 @@ def bench_preset(preset: str, args) -> dict:
     outputs = {}
     for _ in range(args.repeats):  # interleaved: a slow minute slows every way alike
         for name, way in ways.items():
-            seconds, outputs[name] = best_time(way, 1)
-            times[name].append(seconds)
+            start = time.perf_counter()
+            outputs[name] = way()
+            times[name].append(time.perf_counter() - start)
+    # the best run of each (a busy neighbour only ever slows a run down)
     ms = {name: 1e3 * min(t) / args.new_tokens for name, t in times.items()}
     return {"preset": preset, "params": model.num_params(), "ms": ms, "compile_s": compile_s,
             "same": {name: sum(a == b for a, b in zip(out, outputs["generate"])) for name, out in outputs.items()}}
