@@ -4,9 +4,10 @@ What one fine-tuning step costs on this CPU: full SFT (lesson 5) against LoRA (l
 
 LoRA trains 7% of the weights, so one would expect a cheaper step: no weight gradient for the frozen
 projections and a far smaller AdamW update. At the `tiny` preset it is cheaper only a little, and
-with dropout on the adapters' input much dearer; lesson 6's doc reads the table. Each variant is the `tiny` model (random weights: speed does not depend on them) on lesson 5's
-batch shape, 16 rows of 256 tokens, one forward + backward + AdamW step; the variants alternate step
-by step so a busy neighbour slows them all alike (bench/bench_model.py: time_pair).
+with dropout on the adapters' input much dearer; lesson 6's doc reads the table. Each variant is the
+`tiny` model (random weights: speed does not depend on them) on lesson 5's batch shape, 16 rows of
+256 tokens, one forward + backward + AdamW step; the variants alternate step by step so a busy
+neighbour slows them all alike (bench/bench_model.py: time_pair).
 
     .venv/bin/python bench/bench_finetune.py                 # ~1 minute
     .venv/bin/python bench/bench_finetune.py --breakdown     # + the operators that take the time (torch profiler)

@@ -272,14 +272,16 @@ def llamacpp_speed(paths, model_file, prompt_len, new_tokens, parallel) -> dict[
     return {row["pl"]: row for row in rows}
 
 
-def ours_speed(model, prompt_len, new_tokens, parallel, compiled_step=None) -> dict:
+def ours_speed(model, prompt_len, new_tokens, parallel, compiled_step=None) -> tuple[dict, bool]:
+    """tokens/s of each of our ways (generate, the compiled step if given, the engine at each count), and
+    whether the compiled step wrote generate's tokens (True when there is none)."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, model.cfg.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(max(parallel))]
     params = SamplingParams(max_tokens=new_tokens)  # greedy; no stop token set: exactly new_tokens each
     engine = Engine(model, max_running=max(parallel), prefix_caching=False)
     generate(model, prompts[0], 8)  # warm up (first calls allocate), as llama-batched-bench does before it times
     engine.generate(prompts[:2], SamplingParams(max_tokens=8))
-    speeds = {}
+    speeds, compiled_same = {}, True
     start = time.perf_counter()
     out = generate(model, prompts[0], new_tokens)
     speeds["generate"] = len(out) / (time.perf_counter() - start)
@@ -288,13 +290,13 @@ def ours_speed(model, prompt_len, new_tokens, parallel, compiled_step=None) -> d
         start = time.perf_counter()
         compiled_out = generate_with_step(model, compiled_step, prompts[0], new_tokens)
         speeds["compiled"] = len(compiled_out) / (time.perf_counter() - start)
-        speeds["compiled_same"] = compiled_out == out
+        compiled_same = compiled_out == out
     for n in parallel:
         start = time.perf_counter()
         results = engine.generate(prompts[:n], params)
         speeds[n] = n * new_tokens / (time.perf_counter() - start)
         assert all(len(r["token_ids"]) == new_tokens for r in results), "the engine stopped early"
-    return speeds
+    return speeds, compiled_same
 
 
 def speed_table(paths, model_file, model, args) -> None:
@@ -315,11 +317,10 @@ def speed_table(paths, model_file, model, args) -> None:
             if pl not in best_llama or row["gen_per_s"] > best_llama[pl]["gen_per_s"]:
                 best_llama[pl] = row
         quiet &= wait_until_quiet(args.quiet_wait)
-        for key, speed in ours_speed(model, args.prompt_len, args.speed_new_tokens, parallel, compiled_step).items():
-            if key == "compiled_same":
-                same &= speed
-            else:
-                best_ours[key] = max(best_ours.get(key, 0.0), speed)
+        speeds, compiled_same = ours_speed(model, args.prompt_len, args.speed_new_tokens, parallel, compiled_step)
+        same &= compiled_same
+        for key, speed in speeds.items():
+            best_ours[key] = max(best_ours.get(key, 0.0), speed)
         print(f"   run {repeat + 1}/{args.repeats} done", flush=True)
 
     print(f"\n4. speed, one thread, {args.prompt_len}-token prompts, {args.speed_new_tokens} new tokens each, best of {args.repeats} "
