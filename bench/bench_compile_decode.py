@@ -57,12 +57,8 @@ class FixedShapeStep(InferenceModel):
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int):
-        super().__init__(model)
-        super().rope(torch.tensor([max_len - 1]))  # the RoPE table for every position of the cache, made now
+        super().__init__(model, full_rope_table=True)  # RoPE for every position, made now: no length check
         self.key_positions = torch.arange(max_len)  # (L,)
-
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions], self.sin[positions]  # the table is complete: no length check
 
     def __call__(self, ids, pos, keys, values) -> torch.Tensor:
         j = self.key_positions

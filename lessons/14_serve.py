@@ -55,6 +55,7 @@ class ServeConfig:
     max_waiting: int = field(default=256, metadata={"help": "queued sequences at most (more get HTTP 429)"})
     max_prefill_tokens: int = field(default=128, metadata={"help": "prompt tokens fed per engine step"})
     chunked_prefill: bool = field(default=True, metadata={"help": "feed a prompt longer than max_prefill_tokens in pieces, one a step, beside the running sequences (false: whole, alone)"})
+    compile_decode: bool = field(default=False, metadata={"help": "compile the decode step with torch.compile, padded to batch sizes 1, 2, 4, ... (~20-50 s each, on first use; 1.4-2x the tokens/s here; needs g++)"})
     self_check: bool = field(default=False, metadata={"help": "serve on a free port, run concurrent clients, print numbers, stop"})
     screenshot: str = field(default="", metadata={"help": "save a headless-Chromium screenshot of the chat page answering a demo message to this PNG, then stop"})
     check_clients: int = field(default=8, metadata={"help": "--self_check: concurrent streaming clients"})
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         engine = Engine(model, tokenizer, num_blocks=cfg.num_blocks or None, block_size=cfg.block_size,
                         max_running=cfg.max_running, max_waiting=cfg.max_waiting,
                         max_prefill_tokens=cfg.max_prefill_tokens, chunked_prefill=cfg.chunked_prefill,
-                        model_name=name).start()
+                        model_name=name, compile_decode=cfg.compile_decode).start()
         served[name] = ServedModel(engine, tokenizer, description)
         print(f"model {name!r}: {description}")
     first_name, first = next(iter(served.items()))

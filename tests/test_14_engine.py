@@ -30,6 +30,7 @@ engine_mod = impl("engine")
 generate_mod = impl("generate")
 
 from nano.text.tokenizer import Tokenizer  # noqa: E402
+from nano.serve.kv_cache import SequenceBlocks  # noqa: E402
 from nano.serve.sequence import SamplingParams  # noqa: E402
 
 VOCAB = 64
@@ -371,3 +372,37 @@ def test_the_fixed_shape_step_of_the_compile_benchmark_decodes_like_generate(mod
             fixed = step(torch.tensor([token]), torch.tensor([pos]), cache.keys, cache.values)
             plain = model(torch.tensor([[token]]), kv_cache=plain_cache)[0][:, -1]
             torch.testing.assert_close(fixed, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_the_padded_decode_step_serves_the_same_tokens_as_the_engine(model):
+    """Engine(compile_decode=True) pads decode steps to a few fixed shapes for torch.compile
+    (nano/serve/compiled_decode.py). Run eagerly here (compiling takes tens of seconds): batches of
+    5, 3, 2 and 1 padded to 8, 4, 2 and 1, tables as wide as the context, the padding rows writing
+    into a scratch block. The tokens must be generate's, past the sliding window, and the pool's
+    blocks must all come back but the scratch one."""
+    from nano.serve.compiled_decode import PaddedDecode
+
+    prompts = random_prompts(5, seed=21)
+    stops = (5, 9)  # replies end at different steps: the batch shrinks through the buckets
+    alone = [generate_mod.generate(model, p, max_new_tokens=40, stop_tokens=stops) for p in prompts]
+    engine = engine_mod.Engine(model, block_size=4, max_running=8)
+    padded = engine.runner.padded_decode = PaddedDecode(engine.runner, compile=False)
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=40, stop_token_ids=stops))
+    assert [o["token_ids"] for o in outputs] == alone
+    assert len({len(a) for a in alone}) > 2  # (the batch did shrink)
+    allocator = engine.cache.allocator
+    assert allocator.num_free == engine.cache.num_blocks - 1 and allocator.ref_counts[padded.scratch_block] == 1
+    # and one step's logits, padded (3 -> 4 rows) against the engine's own path, up to float rounding
+    # (the scratch block taken after the sequences' blocks: the padding row must write there, not in block 0)
+    engine = engine_mod.Engine(model, block_size=4, prefix_caching=False)
+    seqs = [SequenceBlocks() for _ in range(3)]
+    for blocks, prompt in zip(seqs, prompts[:3]):
+        engine.cache.allocate(blocks, prompt + [7])  # room for the prompt and one more token
+    padded = PaddedDecode(engine.runner, compile=False)
+    engine.runner.forward([(b, p, 0) for b, p in zip(seqs, prompts[:3])])  # the prompts' K/V into their blocks
+    decode_spans = [(b, [7], len(p)) for b, p in zip(seqs, prompts[:3])]
+    expected = engine.runner.forward(decode_spans)
+    before = [pool.clone() for pool in engine.cache.pools]
+    torch.testing.assert_close(padded(decode_spans), expected, rtol=1e-5, atol=1e-5)
+    untouched = [b for b in range(engine.cache.num_blocks) if b != padded.scratch_block and all(b not in s.block_table for s in seqs)]
+    assert all(torch.equal(pool[:, untouched], old[:, untouched]) for pool, old in zip(engine.cache.pools, before))

@@ -117,7 +117,7 @@ class InferenceModel:
     nano/serve/engine.py's step) run it under torch.inference_mode, which also skips the version counters
     and view tracking that even torch.no_grad keeps: ~15% of a token at this size."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, full_rope_table: bool = False):
         self.model, self.cfg = model, model.cfg
         cfg = self.cfg
         self.embed = model.embed_tokens.weight.detach()  # (V, d), also the LM head (tied)
@@ -140,10 +140,15 @@ class InferenceModel:
                 "scale": attn.scale,
             })
         self.cos = self.sin = None  # the RoPE table, (positions, D) each, made on first use
+        # full_rope_table: the table for the whole context now, and `rope` never checks its length again:
+        # for torch.compile, to which reading a number out of a tensor (positions.max()) is a graph break
+        self.full_rope_table = full_rope_table
+        if full_rope_table:
+            self.rope(torch.tensor([cfg.context_len - 1], device=self.embed.device))
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (N, D) of these positions, from a table (each row is the same number rope_cos_sin gives)."""
-        needed = int(positions.max()) + 1
+        needed = 0 if self.full_rope_table and self.cos is not None else int(positions.max()) + 1
         if self.cos is None or self.cos.shape[0] < needed:
             length = max(needed, self.cfg.context_len)
             cos, sin = rope_cos_sin(torch.arange(length, device=positions.device), self.cfg.head_dim, self.cfg.rope_theta)

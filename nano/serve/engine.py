@@ -54,6 +54,7 @@ import torch
 from nano.model.gemma import kv_cache_bytes_per_token
 from nano.model.attention import soft_cap
 from nano.model.generate import StreamDecoder, greedy_capped, sample_next, stop_reason
+from nano.serve.compiled_decode import PaddedDecode
 from nano.serve.kv_cache import PagedKVCache, SequenceBlocks
 from nano.serve.model_runner import ModelRunner
 from nano.serve.scheduler import Scheduler
@@ -96,7 +97,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer=None, num_blocks: int | None = None, block_size: int = 16,
                  max_running: int = 64, max_waiting: int = 256, max_prefill_tokens: int = 128,
                  kv_budget_bytes: int = 256 * 2**20, prefix_caching: bool = True, chunked_prefill: bool = True,
-                 model_name: str = "nano"):
+                 model_name: str = "nano", compile_decode: bool = False):
         model.eval()
         self.model, self.tokenizer, self.cfg, self.model_name = model, tokenizer, model.cfg, model_name
         device = next(model.parameters()).device
@@ -107,6 +108,8 @@ class Engine:
         self.cache = PagedKVCache(self.cfg, num_blocks, block_size, device=device, dtype=dtype,
                                   prefix_caching=prefix_caching)
         self.runner = ModelRunner(model, self.cache)
+        if compile_decode:  # decode-only steps padded to a few shapes and compiled, each on first use
+            self.runner.padded_decode = PaddedDecode(self.runner, compile=True)
         self.scheduler = Scheduler(self.cache, max_running, max_prefill_tokens, chunked_prefill)
         self.max_waiting = max_waiting
         self.requests: dict[str, Request] = {}
@@ -428,6 +431,8 @@ class Engine:
             for seq in in_cache:
                 for block in seq.blocks.block_table:
                     owners[block] = "shared" if allocator.ref_counts[block] > 1 else seq.seq_id
+            if self.runner.padded_decode is not None:  # the padding rows' block (nano/serve/compiled_decode.py)
+                owners[self.runner.padded_decode.scratch_block] = "scratch"
             tokens_cached = sum(s.blocks.num_tokens for s in in_cache)
             used = allocator.num_used
             return {

@@ -46,6 +46,8 @@ class ModelRunner:
         # on a GPU the decode group uses the Triton kernel (nano/serve/paged_attention.py); elsewhere the gather path
         self.use_triton = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         self.bias_tables: dict[int, torch.Tensor] = {}  # window -> (L, L) key biases (`_bias_table`)
+        # decode-only steps through fixed shapes and torch.compile (nano/serve/compiled_decode.py), if set
+        self.padded_decode = None
 
     def forward(self, spans: list[tuple[SequenceBlocks, list[int], int]], soft_capped: bool = True) -> torch.Tensor:
         """Run the model over the tokens of `spans` and return next-token logits (S, vocab), fp32
@@ -61,6 +63,8 @@ class ModelRunner:
         num_prefill = len(spans)
         while num_prefill > 0 and len(spans[num_prefill - 1][1]) == 1:
             num_prefill -= 1
+        if num_prefill == 0 and self.padded_decode is not None:
+            return self.padded_decode(spans, soft_capped)
         ids, positions, slots, last_rows = [], [], [], []
         for blocks, tokens, start in spans:
             ids += tokens

@@ -1,0 +1,130 @@
+"""
+The engine's decode step in a few fixed shapes, so that torch.compile can turn it into C++ loops.
+
+On a CPU, an eager decode step of a small model is mostly per-operation overhead: ~300 PyTorch calls,
+each a few microseconds of Python and dispatch, around matrix products that take less (lesson 14,
+sections 10 and 11). torch.compile's CPU backend (Inductor) traces a function once and writes it as
+a few fused C++ loops, but only for inputs that look the same every call: a new shape means a new
+trace and a new compile (tens of seconds). An engine's decode step changes shape at every step (how
+many sequences run, how many blocks the longest one has), so, as vLLM does for its CUDA graphs,
+the step is PADDED to one of a few fixed shapes:
+
+    sequences     S -> the next bucket, 1, 2, 4, 8, ...: the extra rows are a dummy sequence whose
+                  keys and values go into a scratch block that no sequence ever owns
+    blocks        every sequence's table is as wide as the whole context (global layers) or as
+                  the window can reach (sliding layers): keys past a sequence's end are hidden by
+                  decode_attention's additive bias, as they already are in the eager gather path
+    RoPE          the table for every position is made once (no length check read from a tensor)
+
+so there is one compiled graph per bucket, made the first time a step of that size runs. The
+arithmetic is the eager path's (nano/serve/model_runner.py), ops for ops; Inductor fuses and
+reorders the elementwise ones, so logits differ in the last bits and a greedy near-tie can flip
+(bench/verify_gguf_llamacpp.py --compiled counts the tokens that agree). Prefill steps, and steps
+mixing prompts with decoding, stay eager: their shapes vary the most, and they are few.
+
+    decode = PaddedDecode(runner, compile=True)      # Engine(model, compile_decode=True) does this
+    logits = decode(spans, soft_capped=False)        # spans all one token each -> (S, vocab)
+
+compile=False runs the same padded step eagerly: what tests/test_14_engine.py checks against the
+engine's own path (same greedy tokens, logits within rounding).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from nano.model.decode_step import InferenceModel, decode_attention
+from nano.serve.kv_cache import block_table_tensor, gather_kv, long_tensor
+
+
+def bucket(num_seqs: int) -> int:
+    """The padded batch size: the next power of two, so a handful of shapes cover any batch.
+
+    >>> [bucket(s) for s in (1, 2, 3, 5, 16, 17)]
+    [1, 2, 4, 8, 16, 32]
+    """
+    return 1 << (num_seqs - 1).bit_length()
+
+
+class FixedShapeDecode(InferenceModel):
+    """InferenceModel's forward over the paged cache, with every tensor it takes in a fixed shape.
+
+        logits = step(ids, positions, slots (S,), tables [one (S, width) per window],
+                      biases [one (S, width * block_size) per window], pools [one per layer])
+
+    tables and biases follow `windows` (the distinct sliding windows of the layers, 0 = global).
+    """
+
+    def __init__(self, model: torch.nn.Module, windows: list[int], soft_capped: bool):
+        super().__init__(model, full_rope_table=True)
+        self.window_index = {window: i for i, window in enumerate(windows)}
+        self.soft_capped = soft_capped
+
+    def __call__(self, ids, positions, slots, tables, biases, pools) -> torch.Tensor:
+        softcap = self.cfg.attn_softcap
+
+        def attend(layer: int, q, k, v):
+            w = self.layers[layer]
+            i = self.window_index[w["window"]]
+            pool = pools[layer]  # (2, num_blocks, block_size, Hkv, D): keys and values
+            pool.view(2, -1, *k.shape[1:]).index_copy_(1, slots, torch.stack((k, v)))  # PagedKVCache.write
+            keys, values = gather_kv(pool, tables[i])  # (S, Hkv, width * block_size, D) each
+            return decode_attention(q, keys, values, w["scale"], softcap, biases[i])
+
+        return self.logits(self.forward(ids, positions, attend), self.soft_capped)
+
+
+class PaddedDecode:
+    """Decode-only steps of a ModelRunner, padded to a bucket and run through FixedShapeDecode."""
+
+    def __init__(self, runner, compile: bool = True):
+        self.runner, self.cache = runner, runner.cache
+        block_size = self.cache.block_size
+        # distinct windows, and how many blocks each layer kind reads: the window's reach, or the context
+        self.windows = sorted({w["window"] for w in runner.fast.layers})
+        context_blocks = -(-runner.cfg.context_len // block_size)
+        self.widths = [min((w - 1) // block_size + 2, context_blocks) if w > 0 else context_blocks for w in self.windows]
+        if compile and runner.device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
+            raise RuntimeError("compile_decode needs a C++ compiler on PATH (torch.compile's CPU backend "
+                               "writes C++ and builds it): install g++, or leave compile_decode off")
+        # the padding rows' block: taken from the pool for good (/stats shows it as "scratch")
+        self.scratch_block = self.cache.allocator.allocate()
+        self.compile = compile
+        self.steps = {}  # soft_capped -> the step (compiled: one graph per bucket, made on first use)
+
+    def step_for(self, soft_capped: bool):
+        if soft_capped not in self.steps:
+            step = FixedShapeDecode(self.runner.fast.model, self.windows, soft_capped)
+            # dynamic=False: one graph per bucket, each specialised to its shapes; cpp_wrapper: the
+            # kernels are called from C++, without a Python line between two of them
+            self.steps[soft_capped] = torch.compile(step, dynamic=False, options={"cpp_wrapper": True}) \
+                if self.compile else step
+        return self.steps[soft_capped]
+
+    def inputs(self, spans) -> tuple:
+        """The step's tensors for these decode spans, padded to bucket(len(spans)) rows."""
+        cache, block_size = self.cache, self.cache.block_size
+        padded = bucket(len(spans))
+        pad = padded - len(spans)
+        scratch_slot = self.scratch_block * block_size
+        ids = [tokens[0] for _, tokens, _ in spans] + [0] * pad
+        positions = [start for _, _, start in spans]
+        slots = [cache.slot_ids(blocks, start, start + 1)[0] for blocks, _, start in spans] + [scratch_slot] * pad
+        tables, biases = [], []
+        for window, width in zip(self.windows, self.widths):
+            # as ModelRunner._decode_group does, at a fixed width: the first block a window can
+            # reach, then exactly `width` blocks (block 0 fills a short table; those keys are hidden)
+            first = [max(0, p - window + 1) // block_size if window > 0 else 0 for p in positions]
+            rows = [b.block_table[f:f + width] for (b, _, _), f in zip(spans, first)]
+            rows = [row + [0] * (width - len(row)) for row in rows] + [[self.scratch_block] * width] * pad
+            # the padding rows see one key, at offset 0: a finite row of numbers that nobody reads
+            offset = long_tensor([p - f * block_size for p, f in zip(positions, first)] + [0] * pad)
+            biases.append(self.runner._bias_table(window).narrow(1, 0, width * block_size).index_select(0, offset))
+            tables.append(block_table_tensor(rows, self.runner.device))
+        return (long_tensor(ids, self.runner.device), long_tensor(positions + [0] * pad, self.runner.device),
+                long_tensor(slots, self.runner.device), tables, biases, cache.pools)
+
+    def __call__(self, spans, soft_capped: bool = True) -> torch.Tensor:
+        return self.step_for(soft_capped)(*self.inputs(spans))[:len(spans)]  # (S, vocab): the padding dropped
