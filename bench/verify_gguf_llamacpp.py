@@ -20,7 +20,7 @@ llama.cpp-style forward pass written in torch); this script is the one-off proof
 
     .venv/bin/python bench/verify_gguf_llamacpp.py                  # the full-SFT model (else the pretrained one)
     .venv/bin/python bench/verify_gguf_llamacpp.py --skip_speed
-    .venv/bin/python bench/verify_gguf_llamacpp.py --compiled       # batch 1 through torch.compile too
+    .venv/bin/python bench/verify_gguf_llamacpp.py --compiled       # torch.compile too: the batch-1 step, the engine
     .venv/bin/python bench/verify_gguf_llamacpp.py --sdist llama_cpp_python-0.3.36.tar.gz   # a copy you downloaded
 
 It needs cmake and a C++ compiler, and the network once (~75 MB); offline it says so and stops.
@@ -272,16 +272,21 @@ def llamacpp_speed(paths, model_file, prompt_len, new_tokens, parallel) -> dict[
     return {row["pl"]: row for row in rows}
 
 
-def ours_speed(model, prompt_len, new_tokens, parallel, compiled_step=None) -> tuple[dict, bool]:
-    """tokens/s of each of our ways (generate, the compiled step if given, the engine at each count), and
-    whether the compiled step wrote generate's tokens (True when there is none)."""
+def bench_prompts(model, prompt_len: int, count: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, model.cfg.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(max(parallel))]
+    return [torch.randint(10, model.cfg.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(count)]
+
+
+def ours_speed(model, prompt_len, new_tokens, parallel, compiled_step=None, compiled_engine=None) -> tuple[dict, dict]:
+    """tokens/s of each of our ways (generate, the compiled step if given, the engine at each count, and
+    the compiled engine if given: keys ("compiled", n)), and how many sequences of each compiled way
+    wrote the eager way's greedy tokens: {"step": 0 or 1, "engine": {n: count}}."""
+    prompts = bench_prompts(model, prompt_len, max(parallel))
     params = SamplingParams(max_tokens=new_tokens)  # greedy; no stop token set: exactly new_tokens each
     engine = Engine(model, max_running=max(parallel), prefix_caching=False)
     generate(model, prompts[0], 8)  # warm up (first calls allocate), as llama-batched-bench does before it times
     engine.generate(prompts[:2], SamplingParams(max_tokens=8))
-    speeds, compiled_same = {}, True
+    speeds, agree = {}, {"engine": {}}
     start = time.perf_counter()
     out = generate(model, prompts[0], new_tokens)
     speeds["generate"] = len(out) / (time.perf_counter() - start)
@@ -290,13 +295,18 @@ def ours_speed(model, prompt_len, new_tokens, parallel, compiled_step=None) -> t
         start = time.perf_counter()
         compiled_out = generate_with_step(model, compiled_step, prompts[0], new_tokens)
         speeds["compiled"] = len(compiled_out) / (time.perf_counter() - start)
-        compiled_same = compiled_out == out
+        agree["step"] = int(compiled_out == out)
     for n in parallel:
         start = time.perf_counter()
         results = engine.generate(prompts[:n], params)
         speeds[n] = n * new_tokens / (time.perf_counter() - start)
         assert all(len(r["token_ids"]) == new_tokens for r in results), "the engine stopped early"
-    return speeds, compiled_same
+        if compiled_engine is not None:  # Engine(compile_decode=True), its buckets compiled beforehand
+            start = time.perf_counter()
+            compiled_results = compiled_engine.generate(prompts[:n], params)
+            speeds[("compiled", n)] = n * new_tokens / (time.perf_counter() - start)
+            agree["engine"][n] = sum(a["token_ids"] == b["token_ids"] for a, b in zip(compiled_results, results))
+    return speeds, agree
 
 
 def speed_table(paths, model_file, model, args) -> None:
@@ -305,11 +315,19 @@ def speed_table(paths, model_file, model, args) -> None:
     best_llama: dict[int, dict] = {}
     best_ours: dict = {}
     quiet = True
-    compiled_step, same = None, True
-    if args.compiled:  # the compile itself (~30 s) happens here, before any timing
+    compiled_step = compiled_engine = None
+    agree = {"step": 1, "engine": {n: n for n in parallel}}  # the fewest that agreed over the runs
+    if args.compiled:  # the compiles themselves (~20-50 s each) happen here, before any timing
         torch._inductor.config.cpp_wrapper = True
         compiled_step = torch.compile(FixedShapeStep(model, args.prompt_len + args.speed_new_tokens), dynamic=False)
         generate_with_step(model, compiled_step, list(range(10, 10 + args.prompt_len)), args.speed_new_tokens)
+        compiled_engine = Engine(model, max_running=max(parallel), prefix_caching=False, compile_decode=True)
+        start = time.perf_counter()
+        for n in parallel:  # one graph per batch bucket: the runs' own (the waves of sequences that finish
+            # together leave 12, 8, 4 of 16 running, so buckets 8 and 4 come up too)
+            compiled_engine.generate(bench_prompts(model, args.prompt_len, n), SamplingParams(max_tokens=args.speed_new_tokens))
+        print(f"   the engine's decode step compiled for {len(compiled_engine.runner.padded_decode.buckets_seen)} batch sizes "
+              f"in {time.perf_counter() - start:.0f} s")
     for repeat in range(args.repeats):  # interleaved, so a busy neighbour slows both alike; best of each
         quiet &= wait_until_quiet(args.quiet_wait)
         for pl, row in llamacpp_speed(paths, model_file, args.prompt_len, args.speed_new_tokens, parallel).items():
@@ -317,8 +335,10 @@ def speed_table(paths, model_file, model, args) -> None:
             if pl not in best_llama or row["gen_per_s"] > best_llama[pl]["gen_per_s"]:
                 best_llama[pl] = row
         quiet &= wait_until_quiet(args.quiet_wait)
-        speeds, compiled_same = ours_speed(model, args.prompt_len, args.speed_new_tokens, parallel, compiled_step)
-        same &= compiled_same
+        speeds, agreed = ours_speed(model, args.prompt_len, args.speed_new_tokens, parallel, compiled_step, compiled_engine)
+        agree["step"] = min(agree["step"], agreed.get("step", 1))
+        for n, count in agreed["engine"].items():
+            agree["engine"][n] = min(agree["engine"][n], count)
         for key, speed in speeds.items():
             best_ours[key] = max(best_ours.get(key, 0.0), speed)
         print(f"   run {repeat + 1}/{args.repeats} done", flush=True)
@@ -329,11 +349,16 @@ def speed_table(paths, model_file, model, args) -> None:
           "ms per step, llama.cpp / ours | ours / llama.cpp |")
     print("|---:|---:|---:|---|---:|---:|---:|")
     rows = [(1, "generate")] + ([(1, "compiled")] if "compiled" in best_ours else []) + [(1, 1), (16, 16), (64, 64)]
+    rows += [(n, ("compiled", n)) for n in parallel if ("compiled", n) in best_ours]
     for pl, key in rows:
         llama, rate = best_llama[pl], best_ours[key]
-        what = {"generate": "generate (nano/model/generate.py)",
-                "compiled": f"the compiled decode step (bench/bench_compile_decode.py; tokens equal generate's: {same})"
-                }.get(key, "engine (nano/serve/engine.py)")
+        if key == "compiled":
+            what = f"the compiled decode step (bench/bench_compile_decode.py; tokens equal generate's: {bool(agree['step'])})"
+        elif isinstance(key, tuple):
+            what = (f"engine, compile_decode=True (nano/serve/compiled_decode.py; sequences with the eager "
+                    f"engine's tokens: {agree['engine'][pl]}/{pl})")
+        else:
+            what = {"generate": "generate (nano/model/generate.py)"}.get(key, "engine (nano/serve/engine.py)")
         # a step makes one token for each of the pl sequences: ms per step = 1000 pl / (tokens/s)
         print(f"| {pl} | {llama['gen_per_s']:.0f} | {llama['speed_tg']:.0f} | {what} | {rate:.0f} | "
               f"{1000 * pl / llama['gen_per_s']:.2f} / {1000 * pl / rate:.2f} | {rate / llama['gen_per_s']:.2f}x |")

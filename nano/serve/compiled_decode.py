@@ -92,6 +92,7 @@ class PaddedDecode:
         # the padding rows' block: taken from the pool for good (/stats shows it as "scratch")
         self.scratch_block = self.cache.allocator.allocate()
         self.compile = compile
+        self.buckets_seen: set[int] = set()  # (compiled: one graph each)
         self.steps = {}  # soft_capped -> the step (compiled: one graph per bucket, made on first use)
 
     def step_for(self, soft_capped: bool):
@@ -107,6 +108,7 @@ class PaddedDecode:
         """The step's tensors for these decode spans, padded to bucket(len(spans)) rows."""
         cache, block_size = self.cache, self.cache.block_size
         padded = bucket(len(spans))
+        self.buckets_seen.add(padded)
         pad = padded - len(spans)
         scratch_slot = self.scratch_block * block_size
         ids = [tokens[0] for _, tokens, _ in spans] + [0] * pad
