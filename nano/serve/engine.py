@@ -92,6 +92,9 @@ class Engine:
     (bench/bench_traffic.py, `tiny`, 60 sequences decoding while 216-token prompts arrive): the p99
     gap between two tokens of a running sequence about half that with whole prompts (1.9x and 2.6x
     shorter in two runs), for a later first token of the long prompts (lessons/14_serve.md, section 9).
+    compile_decode: steps that only decode, up to 16 sequences, go through torch.compile, padded to a
+    few fixed shapes (nano/serve/compiled_decode.py): seconds of compiling per shape on first use,
+    then 2.3x the tokens/s at one sequence here (lessons/14_serve.md, section 11).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, num_blocks: int | None = None, block_size: int = 16,

@@ -63,7 +63,7 @@ class ModelRunner:
         num_prefill = len(spans)
         while num_prefill > 0 and len(spans[num_prefill - 1][1]) == 1:
             num_prefill -= 1
-        if num_prefill == 0 and self.padded_decode is not None:
+        if num_prefill == 0 and self.padded_decode is not None and self.padded_decode.takes(len(spans)):
             return self.padded_decode(spans, soft_capped)
         ids, positions, slots, last_rows = [], [], [], []
         for blocks, tokens, start in spans:
