@@ -36,7 +36,7 @@ import shutil
 import torch
 
 from nano.model.decode_step import InferenceModel, decode_attention
-from nano.serve.kv_cache import block_table_tensor, gather_kv, long_tensor
+from nano.serve.kv_cache import SequenceBlocks, gather_kv, long_tensor, write_kv
 
 
 def bucket(num_seqs: int) -> int:
@@ -68,9 +68,8 @@ class FixedShapeDecode(InferenceModel):
         def attend(layer: int, q, k, v):
             w = self.layers[layer]
             i = self.window_index[w["window"]]
-            pool = pools[layer]  # (2, num_blocks, block_size, Hkv, D): keys and values
-            pool.view(2, -1, *k.shape[1:]).index_copy_(1, slots, torch.stack((k, v)))  # PagedKVCache.write
-            keys, values = gather_kv(pool, tables[i])  # (S, Hkv, width * block_size, D) each
+            write_kv(pools[layer], slots, k, v)  # the new token's key and value, at its slot
+            keys, values = gather_kv(pools[layer], tables[i])  # (S, Hkv, width * block_size, D) each
             return decode_attention(q, keys, values, w["scale"], softcap, biases[i])
 
         return self.logits(self.forward(ids, positions, attend), self.soft_capped)
@@ -91,12 +90,14 @@ class PaddedDecode:
         # distinct windows, and how many blocks each layer kind reads: the window's reach, or the context
         self.windows = sorted({w["window"] for w in runner.fast.layers})
         context_blocks = -(-runner.cfg.context_len // block_size)
-        self.widths = [min((w - 1) // block_size + 2, context_blocks) if w > 0 else context_blocks for w in self.windows]
+        self.widths = {w: min((w - 1) // block_size + 2, context_blocks) if w > 0 else context_blocks for w in self.windows}
         if compile and runner.device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
             raise RuntimeError("compile_decode needs a C++ compiler on PATH (torch.compile's CPU backend "
                                "writes C++ and builds it): install g++, or leave compile_decode off")
-        # the padding rows' block: taken from the pool for good (/stats shows it as "scratch")
+        # the padding rows' block: taken from the pool for good (/stats shows it as "scratch"); a padding
+        # row is a dummy sequence feeding token 0 at position 0 of it, and seeing that one key
         self.scratch_block = self.cache.allocator.allocate()
+        self.padding_span = (SequenceBlocks([self.scratch_block]), [0], 0)
         self.compile, self.max_batch = compile, max_batch
         self.buckets_seen: set[int] = set()  # (compiled: one graph each)
         self.steps = {}  # soft_capped -> the step (compiled: one graph per bucket, made on first use)
@@ -115,27 +116,16 @@ class PaddedDecode:
 
     def inputs(self, spans) -> tuple:
         """The step's tensors for these decode spans, padded to bucket(len(spans)) rows."""
-        cache, block_size = self.cache, self.cache.block_size
         padded = bucket(len(spans))
         self.buckets_seen.add(padded)
-        pad = padded - len(spans)
-        scratch_slot = self.scratch_block * block_size
-        ids = [tokens[0] for _, tokens, _ in spans] + [0] * pad
-        positions = [start for _, _, start in spans]
-        slots = [cache.slot_ids(blocks, start, start + 1)[0] for blocks, _, start in spans] + [scratch_slot] * pad
-        tables, biases = [], []
-        for window, width in zip(self.windows, self.widths):
-            # as ModelRunner._decode_group does, at a fixed width: the first block a window can
-            # reach, then exactly `width` blocks (block 0 fills a short table; those keys are hidden)
-            first = [max(0, p - window + 1) // block_size if window > 0 else 0 for p in positions]
-            rows = [b.block_table[f:f + width] for (b, _, _), f in zip(spans, first)]
-            rows = [row + [0] * (width - len(row)) for row in rows] + [[self.scratch_block] * width] * pad
-            # the padding rows see one key, at offset 0: a finite row of numbers that nobody reads
-            offset = long_tensor([p - f * block_size for p, f in zip(positions, first)] + [0] * pad)
-            biases.append(self.runner._bias_table(window).narrow(1, 0, width * block_size).index_select(0, offset))
-            tables.append(block_table_tensor(rows, self.runner.device))
-        return (long_tensor(ids, self.runner.device), long_tensor(positions + [0] * pad, self.runner.device),
-                long_tensor(slots, self.runner.device), tables, biases, cache.pools)
+        spans = spans + [self.padding_span] * (padded - len(spans))
+        device = self.runner.device
+        positions = long_tensor([start for _, _, start in spans], device)
+        slots = [self.cache.slot_ids(blocks, start, start + 1)[0] for blocks, _, start in spans]
+        # the block tables and key biases of the eager path (ModelRunner._decode_group), at fixed widths
+        views = self.runner._decode_group(spans, positions, self.widths)["views"]
+        return (long_tensor([tokens[0] for _, tokens, _ in spans], device), positions, long_tensor(slots, device),
+                [views[w][0] for w in self.windows], [views[w][1] for w in self.windows], self.cache.pools)
 
     def __call__(self, spans, soft_capped: bool = True) -> torch.Tensor:
         return self.step_for(soft_capped)(*self.inputs(spans))[:len(spans)]  # (S, vocab): the padding dropped

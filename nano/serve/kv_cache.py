@@ -337,23 +337,27 @@ class PagedKVCache:
         return [table[t // bs] * bs + t % bs for t in range(start, end)]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (N, kv_heads, head_dim) of N tokens at flat `slots` (N,) of layer `layer`.
-
-        Keys and values go in together, ONE index_copy_ into the layer's pool seen as (2, slots, Hkv, D):
-        stacking them costs less than a second call (~7 against ~12 us a layer here), and it is the
-        form torch.compile turns into an update in place (nano/serve/compiled_decode.py); written
-        through the two views keys[layer] and values[layer], the compiled step copied the whole pool.
-        """
-        pool = self.pools[layer]
-        kv = torch.stack((k, v))  # (2, N, Hkv, D)
-        if kv.dtype != pool.dtype:  # (skipped when equal: even a no-op conversion costs time on the decode path)
-            kv = kv.to(pool.dtype)
-        pool.view(2, -1, *kv.shape[2:]).index_copy_(1, slots, kv)
+        """Store k, v (N, kv_heads, head_dim) of N tokens at flat `slots` (N,) of layer `layer`."""
+        write_kv(self.pools[layer], slots, k, v)
 
     def copy_block(self, source: int, target: int) -> None:
         for layer in range(len(self.keys)):
             self.keys[layer][target].copy_(self.keys[layer][source])
             self.values[layer][target].copy_(self.values[layer][source])
+
+
+def write_kv(pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k, v (N, Hkv, D) into a layer's pool (2, num_blocks, block_size, Hkv, D) at flat `slots` (N,).
+
+    Keys and values go in together, ONE index_copy_ into the pool seen as (2, slots, Hkv, D):
+    stacking them costs less than a second call (~7 against ~12 us a layer here), and it is the form
+    torch.compile turns into an update in place (nano/serve/compiled_decode.py); written through two
+    views of the pool, one for keys and one for values, the compiled step copied the whole pool.
+    """
+    kv = torch.stack((k, v))  # (2, N, Hkv, D)
+    if kv.dtype != pool.dtype:  # (skipped when equal: even a no-op conversion costs time on the decode path)
+        kv = kv.to(pool.dtype)
+    pool.view(2, -1, *kv.shape[2:]).index_copy_(1, slots, kv)
 
 
 def long_tensor(values: Iterable[int], device=None) -> torch.Tensor:

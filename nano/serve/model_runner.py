@@ -125,7 +125,7 @@ class ModelRunner:
                 "block_tables": block_table_tensor([b.block_table for b, _, _ in spans], device),
                 "key_lens": torch.tensor([s + len(t) for _, t, s in spans], dtype=torch.long, device=device)}
 
-    def _decode_group(self, spans, positions_t) -> dict:
+    def _decode_group(self, spans, positions_t, widths: dict[int, int] | None = None) -> dict:
         """Block tables and masks of this step, made once and shared by every layer with the same window.
 
         A window layer only needs the blocks its window touches (at most (window - 1) // block_size + 2
@@ -133,6 +133,7 @@ class ModelRunner:
         less. Gathered key j of a sequence sits at position first_block * block_size + j; it is hidden
         past the sequence's end (the unused tail of its last block) and before the window. The
         bookkeeping is done in Python lists: a handful of tensors per step instead of dozens of ops.
+        widths: a fixed number of blocks per window instead (nano/serve/compiled_decode.py's fixed shapes).
         """
         device, block_size = self.device, self.cache.block_size
         tables = [b.block_table for b, _, _ in spans]
@@ -140,11 +141,15 @@ class ModelRunner:
         max_blocks = max(len(t) for t in tables)
         views = {}
         for window in {w["window"] for w in self.fast.layers}:
-            width = (window - 1) // block_size + 2 if window > 0 else max_blocks
-            if width >= max_blocks:  # the window reaches as far back as the longest table: keep it all
-                first, width = [0] * len(spans), max_blocks
+            if widths is not None:  # fixed: from the window's first block (from block 0 on a global layer)
+                width = widths[window]
+                first = [max(0, p - window + 1) // block_size if window > 0 else 0 for p in positions]
             else:
-                first = [max(0, p - window + 1) // block_size for p in positions]
+                width = (window - 1) // block_size + 2 if window > 0 else max_blocks
+                if width >= max_blocks:  # the window reaches as far back as the longest table: keep it all
+                    first, width = [0] * len(spans), max_blocks
+                else:
+                    first = [max(0, p - window + 1) // block_size for p in positions]
             # exactly `width` blocks each (block 0 pads a short table; its keys are past the end: hidden)
             window_tables = [t[f:f + width] + [0] * (width - len(t[f:f + width])) for t, f in zip(tables, first)]
             # offset: the query's index among the gathered keys; visible keys are offset - window < j <= offset,
