@@ -222,6 +222,8 @@ class PagedKVCache:
         self.pools = [torch.zeros((2, *shape), device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.keys = [pool[0] for pool in self.pools]
         self.values = [pool[1] for pool in self.pools]
+        # the same pools by flat slot, (2, num_blocks * block_size, kv_heads, head_dim): what `write` indexes
+        self.slot_pools = [pool.view(2, -1, *shape[2:]) for pool in self.pools]
         self.allocator = BlockAllocator(num_blocks, block_size)
 
     # ---- memory arithmetic ------------------------------------------------------------------------
@@ -338,7 +340,7 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (N, kv_heads, head_dim) of N tokens at flat `slots` (N,) of layer `layer`."""
-        write_kv(self.pools[layer], slots, k, v)
+        write_kv(self.slot_pools[layer], slots, k, v)
 
     def copy_block(self, source: int, target: int) -> None:
         for layer in range(len(self.keys)):
@@ -346,18 +348,18 @@ class PagedKVCache:
             self.values[layer][target].copy_(self.values[layer][source])
 
 
-def write_kv(pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """k, v (N, Hkv, D) into a layer's pool (2, num_blocks, block_size, Hkv, D) at flat `slots` (N,).
+def write_kv(slot_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k, v (N, Hkv, D) into a layer's pool seen by flat slot, (2, num_blocks * block_size, Hkv, D), at `slots` (N,).
 
-    Keys and values go in together, ONE index_copy_ into the pool seen as (2, slots, Hkv, D):
-    stacking them costs less than a second call (~7 against ~12 us a layer here), and it is the form
-    torch.compile turns into an update in place (nano/serve/compiled_decode.py); written through two
-    views of the pool, one for keys and one for values, the compiled step copied the whole pool.
+    Keys and values go in together, ONE index_copy_: stacking them costs less than a second call
+    (~7 against ~12 us a layer here), and it is the form torch.compile turns into an update in place
+    (nano/serve/compiled_decode.py); written through two views of the pool, one for keys and one for
+    values, the compiled step copied the whole pool.
     """
     kv = torch.stack((k, v))  # (2, N, Hkv, D)
-    if kv.dtype != pool.dtype:  # (skipped when equal: even a no-op conversion costs time on the decode path)
-        kv = kv.to(pool.dtype)
-    pool.view(2, -1, *kv.shape[2:]).index_copy_(1, slots, kv)
+    if kv.dtype != slot_pool.dtype:  # (skipped when equal: even a no-op conversion costs time on the decode path)
+        kv = kv.to(slot_pool.dtype)
+    slot_pool.index_copy_(1, slots, kv)
 
 
 def long_tensor(values: Iterable[int], device=None) -> torch.Tensor:
@@ -371,7 +373,9 @@ def long_tensor(values: Iterable[int], device=None) -> torch.Tensor:
     buffer = array.array("q", values)
     if not buffer:
         return torch.empty(0, dtype=torch.long, device=device)
-    return torch.frombuffer(buffer, dtype=torch.long).to(device)  # the tensor keeps the buffer alive
+    tensor = torch.frombuffer(buffer, dtype=torch.long)  # the tensor keeps the buffer alive
+    # (on the CPU no .to(): even a conversion that does nothing is an operator call, and the engine's step makes several)
+    return tensor if device is None or torch.device(device).type == "cpu" else tensor.to(device)
 
 
 def block_table_tensor(tables: Sequence[Sequence[int]], device=None) -> torch.Tensor:
@@ -406,6 +410,8 @@ def gather_kv(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     *lead, _, block_size, kv_heads, head_dim = pool.shape
     # index_select: the same as pool[..., block_tables, :, :, :], on a flat index, faster
     gathered = pool.index_select(len(lead), block_tables.view(-1))  # (..., S * max_blocks, block_size, Hkv, D)
+    if kv_heads == 1:  # MQA: (L, 1, D) and (1, L, D) are the same numbers in the same order: a view, no transpose
+        return gathered.view(*lead, num_seqs, 1, max_blocks * block_size, head_dim)
     return gathered.view(*lead, num_seqs, max_blocks * block_size, kv_heads, head_dim).transpose(-3, -2)
 
 
