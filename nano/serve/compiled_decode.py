@@ -69,7 +69,7 @@ class FixedShapeDecode(InferenceModel):
             w = self.layers[layer]
             i = self.window_index[w["window"]]
             write_kv(pools[layer].view(2, -1, *k.shape[1:]), slots, k, v)  # the new key and value, at their slot
-            keys, values = gather_kv(pools[layer], tables[i])  # (S, Hkv, width * block_size, D) each
+            keys, values = gather_kv(pools[layer], tables[i]).unbind()  # (S, Hkv, width * block_size, D) each
             return decode_attention(q, keys, values, w["scale"], softcap, biases[i])
 
         return self.logits(self.forward(ids, positions, attend), self.soft_capped)
