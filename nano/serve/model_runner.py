@@ -91,7 +91,7 @@ class ModelRunner:
                 o = o.permute(0, 2, 1, 3).reshape(-1, heads * head_dim)  # (S * Tq, Hq*D), padding included
                 parts.append(o[prefill["keep"]])  # the real rows, in token order
             if decode is not None:
-                q_decode = q[first_decode:]  # (S, Hq, D)
+                q_decode = q[first_decode:] if first_decode else q  # (S, Hq, D) (a slice is an operator call too)
                 if self.use_triton:
                     # imported here: triton is optional and only used on a GPU
                     from nano.serve.paged_attention import paged_decode_attention
