@@ -29,6 +29,7 @@ with the project installed beside (the CPU build of torch, pinned like the proje
     python3 -m venv /tmp/hfvenv && /tmp/hfvenv/bin/pip install torch==2.13.0 transformers psutil
     /tmp/hfvenv/bin/pip install --no-deps -e . && /tmp/hfvenv/bin/pip install numpy regex tqdm flask
     /tmp/hfvenv/bin/python bench/bench_vs_transformers.py        # the newest chat model under runs/
+    /tmp/hfvenv/bin/python bench/bench_vs_transformers.py --compiled   # and our Engine with compile_decode=True
 
 Without transformers it says so and exits 0 (`make bench` runs it with the project's venv).
 """
@@ -230,6 +231,7 @@ def main() -> int:
     parser.add_argument("--one_at_a_time", type=int, default=4, help="requests of the batch-1 rows, one after another")
     parser.add_argument("--max_batch_tokens", type=int, default=2048, help="prompt tokens per step, both engines")
     parser.add_argument("--breakdown", action="store_true", help="also split a batch-1 token's time (profiler)")
+    parser.add_argument("--compiled", action="store_true", help="also our Engine with compile_decode=True (compiles first: ~1 min)")
     args = parser.parse_args()
     try:
         import transformers
@@ -292,11 +294,22 @@ def main() -> int:
         "transformers continuous batching": lambda ps: run_hf_continuous(manager, ps, args.new_tokens),
         "transformers generate (static batch)": lambda ps: run_hf_static(hf, ps, args.new_tokens, pad_id),
     }
+    if args.compiled:  # the engine with its decode steps compiled (nano/serve/compiled_decode.py), a row of its own
+        compiled = Engine(ours, max_running=most, max_prefill_tokens=args.max_batch_tokens, prefix_caching=False,
+                          compile_decode=True)
+        ways["our Engine, compile_decode"] = lambda ps: run_engine(compiled, ps, args.new_tokens)
+        start = time.perf_counter()
+        for c in [1] + args.concurrency:  # each batch size the timed runs will meet, compiled now
+            run_engine(compiled, prompts[:c], args.new_tokens)
+        print(f"our Engine with compile_decode: its decode steps compiled for batch sizes "
+              f"{sorted(compiled.runner.padded_decode.buckets_seen)} in {time.perf_counter() - start:.0f} s (not timed below)")
     # batch 1: each request alone, --one_at_a_time of them one after another (one 128-token reply
     # takes ~0.2 s, too short a time to measure on a machine whose speed wanders)
     one = {"our Engine": one_at_a_time(ways["our Engine"]),
            "our generate": lambda ps: run_generate(ours, ps, args.new_tokens),
            "transformers generate": one_at_a_time(ways["transformers generate (static batch)"])}
+    if args.compiled:
+        one["our Engine, compile_decode"] = one_at_a_time(ways["our Engine, compile_decode"])
     # one short untimed round of everything first: allocators, caches and lazy imports warm up
     for way in list(ways.values()) + [one["our generate"]]:
         way(prompts[:4])
