@@ -55,7 +55,7 @@ class ServeConfig:
     max_waiting: int = field(default=256, metadata={"help": "queued sequences at most (more get HTTP 429)"})
     max_prefill_tokens: int = field(default=128, metadata={"help": "prompt tokens fed per engine step"})
     chunked_prefill: bool = field(default=True, metadata={"help": "feed a prompt longer than max_prefill_tokens in pieces, one a step, beside the running sequences (false: whole, alone)"})
-    compile_decode: bool = field(default=False, metadata={"help": "torch.compile the engine's decode steps of up to 16 sequences, padded to 1, 2, 4, 8, 16 (5-45 s each on first use; here 2.3x the tokens/s at one sequence, ~1.1x at 16; needs g++)"})
+    compile_decode: bool = field(default=False, metadata={"help": "torch.compile the engine's decode steps of up to 16 sequences, padded to 1, 2, 4, 8, 16 (5-45 s each on first use; here 1.9-3x the tokens/s at one sequence, 1.1-1.5x at 16; needs g++)"})
     self_check: bool = field(default=False, metadata={"help": "serve on a free port, run concurrent clients, print numbers, stop"})
     screenshot: str = field(default="", metadata={"help": "save a headless-Chromium screenshot of the chat page answering a demo message to this PNG, then stop"})
     check_clients: int = field(default=8, metadata={"help": "--self_check: concurrent streaming clients"})

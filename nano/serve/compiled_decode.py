@@ -79,8 +79,8 @@ class PaddedDecode:
     """Decode-only steps of a ModelRunner, padded to a bucket and run through FixedShapeDecode.
 
     max_batch: the biggest bucket it takes (bigger batches stay eager). Measured here (`tiny`, one
-    thread, 128 tokens per sequence, the engine's tokens/s compiled against eager in one run):
-    2.3x at 1 sequence, 1.1-1.2x at 16, 0.84x at 64, where the arithmetic is most of a step and
+    thread, 128 tokens per sequence, the engine's tokens/s compiled against eager, same run):
+    1.9-3x at 1 sequence, 1.1-1.5x at 16, 0.84x at 64, where the arithmetic is most of a step and
     the padding (every table as wide as the context) costs more than the fused loops save.
     """
 

@@ -94,7 +94,7 @@ class Engine:
     shorter in two runs), for a later first token of the long prompts (lessons/14_serve.md, section 9).
     compile_decode: steps that only decode, up to 16 sequences, go through torch.compile, padded to a
     few fixed shapes (nano/serve/compiled_decode.py): seconds of compiling per shape on first use,
-    then 2.3x the tokens/s at one sequence here (lessons/14_serve.md, section 11).
+    then 1.9-3x the tokens/s at one sequence here (lessons/14_serve.md, section 11).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, num_blocks: int | None = None, block_size: int = 16,
