@@ -390,7 +390,8 @@ def main() -> int:
     parser.add_argument("--speed_new_tokens", type=int, default=128, help="new tokens per sequence in the speed table")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side, interleaved; the best counts")
     parser.add_argument("--compiled", action="store_true",
-                        help="also time batch 1 through torch.compile'd fixed-shape decode step (compiles ~30 s first)")
+                        help="also time torch.compile: the fixed-shape step at batch 1 and the engine with compile_decode=True "
+                             "at each count (compiles first, ~1-2 min cold)")
     parser.add_argument("--quiet_wait", type=float, default=600, help="seconds to wait for a quiet machine before timing anyway")
     args = parser.parse_args()
     work = Path(args.work_dir)
