@@ -86,11 +86,9 @@ class PaddedDecode:
 
     def __init__(self, runner, compile: bool = True, max_batch: int = 16):
         self.runner, self.cache = runner, runner.cache
-        block_size = self.cache.block_size
         # distinct windows, and how many blocks each layer kind reads: the window's reach, or the context
         self.windows = sorted({w["window"] for w in runner.fast.layers})
-        context_blocks = -(-runner.cfg.context_len // block_size)
-        self.widths = {w: min((w - 1) // block_size + 2, context_blocks) if w > 0 else context_blocks for w in self.windows}
+        self.widths = {w: min(runner.blocks_read(w), runner.blocks_read(0)) for w in self.windows}
         if compile and runner.device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
             raise RuntimeError("compile_decode needs a C++ compiler on PATH (torch.compile's CPU backend "
                                "writes C++ and builds it): install g++, or leave compile_decode off")

@@ -144,13 +144,12 @@ class ModelRunner:
         for window in {w["window"] for w in self.fast.layers}:
             if widths is not None:  # fixed: from the window's first block (from block 0 on a global layer)
                 width = widths[window]
-                first = [max(0, p - window + 1) // block_size if window > 0 else 0 for p in positions]
             else:
-                width = (window - 1) // block_size + 2 if window > 0 else max_blocks
-                if width >= max_blocks:  # the window reaches as far back as the longest table: keep it all
-                    first, width = [0] * len(spans), max_blocks
-                else:
-                    first = [max(0, p - window + 1) // block_size for p in positions]
+                width = self.blocks_read(window) if window > 0 else max_blocks
+            if widths is None and width >= max_blocks:  # the window reaches as far back as the longest table: keep it all
+                first, width = [0] * len(spans), max_blocks
+            else:
+                first = [max(0, p - window + 1) // block_size if window > 0 else 0 for p in positions]
             # exactly `width` blocks each (block 0 pads a short table; its keys are past the end: hidden)
             window_tables = [t[f:f + width] + [0] * (width - len(t[f:f + width])) for t, f in zip(tables, first)]
             # offset: the query's index among the gathered keys; visible keys are offset - window < j <= offset,
@@ -162,6 +161,12 @@ class ModelRunner:
             return {"views": views}
         return {"block_tables": block_table_tensor(tables, device), "key_lens": positions_t + 1, "views": views}
 
+    def blocks_read(self, window: int) -> int:
+        """The most blocks a query's keys span on a layer with this window: the window's reach,
+        (window - 1) // block_size + 2 (it may start mid-block), or the whole context on a global one (0)."""
+        block_size = self.cache.block_size
+        return (window - 1) // block_size + 2 if window > 0 else -(-self.cfg.context_len // block_size)
+
     def _bias_table(self, window: int) -> torch.Tensor:
         """Row o: decode_attention's key bias for a query at gathered index o, made once per window.
 
@@ -170,9 +175,7 @@ class ModelRunner:
         to whole blocks, or a window layer's `width` blocks.
         """
         if window not in self.bias_tables:
-            block_size = self.cache.block_size
-            blocks = (window - 1) // block_size + 2 if window > 0 else -(-self.cfg.context_len // block_size)
-            j = torch.arange(blocks * block_size, device=self.device)
+            j = torch.arange(self.blocks_read(window) * self.cache.block_size, device=self.device)
             hidden = j[None, :] > j[:, None]  # (L, L): [o, j]
             if window > 0:
                 hidden |= j[None, :] <= j[:, None] - window
